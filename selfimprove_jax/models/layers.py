@@ -1,0 +1,235 @@
+"""The transformer's building blocks, written once and shared by every family.
+
+Einsum legend: B batch, T query length, S key length (cache slots), D embed_dim, H query heads,
+K kv heads, G = H // K query heads per kv head, F head_dim, M mlp_dim, R = F // 2 rotary pairs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from selfimprove_jax import sharding as sh
+from selfimprove_jax.models.config import RopeScaling, TransformerConfig
+
+# Masked attention logits get this instead of -inf so a fully masked row (a padding query) does not
+# produce NaN; its probabilities are then zeroed, so it attends to nothing (not uniformly to all).
+_MASKED = float(np.finfo(np.float32).min)
+# Window used for global layers: larger than any sequence.
+NO_WINDOW = 2**30
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
+  dtype = jnp.dtype(module.config.param_dtype)
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def _fan_in_init(fan_in: int):
+  return nn.initializers.normal(stddev=fan_in**-0.5)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis, computed in float32; scale is ``w`` or ``1 + w`` (Gemma)."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    plus_one = self.config.norm_plus_one
+    init = nn.initializers.zeros if plus_one else nn.initializers.ones
+    scale = _param(self, "scale", (x.shape[-1],), (sh.NORM,), init).astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
+    return (normed * (1.0 + scale if plus_one else scale)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[np.ndarray, np.ndarray]:
+  """Inverse frequencies (R,) for short and long contexts (equal unless scaling is longrope)."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+  inv = 1.0 / theta**exponents
+  if scaling.kind == "linear":
+    inv = inv / scaling.factor
+  elif scaling.kind == "llama3":
+    wavelen = 2 * np.pi / inv
+    low_wavelen = scaling.original_max_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_len / scaling.high_freq_factor
+    smooth = ((scaling.original_max_len / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    ramp = (1 - smooth) * inv / scaling.factor + smooth * inv
+    inv = np.where(wavelen > low_wavelen, inv / scaling.factor,
+                   np.where(wavelen < high_wavelen, inv, ramp))
+  elif scaling.kind == "longrope":
+    return (inv / np.asarray(scaling.short_factor)).astype(np.float32), (
+        inv / np.asarray(scaling.long_factor)).astype(np.float32)
+  inv = inv.astype(np.float32)
+  return inv, inv
+
+
+def rope_sin_cos(positions_BxT: jax.Array, head_dim: int, theta: float,
+                 scaling: RopeScaling) -> tuple[jax.Array, jax.Array]:
+  """sin and cos tables (B, T, R) in float32 for the given positions.
+
+  For longrope the long-context frequencies apply when any position reaches ``original_max_len``,
+  decided on device per call, so a decode step crossing the boundary switches without recompiling.
+  """
+  short, long = rope_inv_freq(head_dim, theta, scaling)
+  inv_R = jnp.asarray(short)
+  scale = 1.0
+  if scaling.kind == "longrope":
+    use_long = jnp.max(positions_BxT) + 1 > scaling.original_max_len
+    inv_R = jnp.where(use_long, jnp.asarray(long), inv_R)
+    scale = scaling.longrope_attention_factor
+  angles_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_R
+  return jnp.sin(angles_BxTxR) * scale, jnp.cos(angles_BxTxR) * scale
+
+
+def apply_rope(x_BxTxNxF: jax.Array, sin_BxTxR: jax.Array, cos_BxTxR: jax.Array) -> jax.Array:
+  """Rotates the two halves of the feature axis (the Hugging Face / Gemma layout)."""
+  x1, x2 = jnp.split(x_BxTxNxF.astype(jnp.float32), 2, axis=-1)
+  sin, cos = sin_BxTxR[:, :, None, :], cos_BxTxR[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxF.dtype)
+
+
+# ---------------------------------------------------------------------------------------- masks
+
+def attention_mask(q_pos_BxT: jax.Array, q_slot_T: jax.Array, k_pos_BxS: jax.Array,
+                   k_slot_S: jax.Array, window: int | jax.Array) -> jax.Array:
+  """Boolean (B, T, S): which key slots each query may attend to.
+
+  A key is visible when it holds a real token (``k_pos >= 0``; padding and empty cache slots carry
+  -1), is not in the query's future (by slot, so causality holds whatever the positions), and lies
+  within the window by position: ``q_pos - k_pos < window``.
+  """
+  valid = (k_pos_BxS >= 0)[:, None, :]
+  causal = (k_slot_S[None, :] <= q_slot_T[:, None])[None]
+  in_window = (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < window
+  return valid & causal & in_window
+
+
+# ------------------------------------------------------------------------------------ attention
+
+class Attention(nn.Module):
+  """Grouped-query attention with optional qkv bias, QK-norm, query scaling and logit soft-cap."""
+
+  config: TransformerConfig
+  mesh: Mesh | None
+  rules: sh.Rules
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], mask_BxTxS: jax.Array,
+               kv_cache: tuple[jax.Array, jax.Array] | None, write_index: jax.Array | None):
+    cfg = self.config
+    D, H, K, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    B, T, _ = x_BxTxD.shape
+    dtype = jnp.dtype(cfg.dtype)
+    init = _fan_in_init(D)
+    w_q = _param(self, "q_proj", (D, H, F), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), init)
+    w_k = _param(self, "k_proj", (D, K, F), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), init)
+    w_v = _param(self, "v_proj", (D, K, F), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), init)
+    w_o = _param(self, "o_proj", (H, F, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), _fan_in_init(H * F))
+    x = x_BxTxD.astype(dtype)
+    q_BxTxHxF = jnp.einsum("btd,dhf->bthf", x, w_q.astype(dtype))
+    k_BxTxKxF = jnp.einsum("btd,dkf->btkf", x, w_k.astype(dtype))
+    v_BxTxKxF = jnp.einsum("btd,dkf->btkf", x, w_v.astype(dtype))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_BxTxHxF += _param(self, "q_bias", (H, F), (sh.HEADS, sh.HEAD_DIM), zeros).astype(dtype)
+      k_BxTxKxF += _param(self, "k_bias", (K, F), (sh.KV_HEADS, sh.HEAD_DIM), zeros).astype(dtype)
+      v_BxTxKxF += _param(self, "v_bias", (K, F), (sh.KV_HEADS, sh.HEAD_DIM), zeros).astype(dtype)
+    if cfg.qk_norm:
+      q_BxTxHxF = RMSNorm(cfg, name="q_norm")(q_BxTxHxF)
+      k_BxTxKxF = RMSNorm(cfg, name="k_norm")(k_BxTxKxF)
+    q_BxTxHxF = apply_rope(q_BxTxHxF, *sin_cos)
+    k_BxTxKxF = apply_rope(k_BxTxKxF, *sin_cos)
+    q_BxTxHxF = q_BxTxHxF * jnp.asarray((cfg.query_scale or F) ** -0.5, dtype)
+    q_BxTxHxF = sh.constrain(q_BxTxHxF, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM), self.mesh, self.rules)
+
+    if kv_cache is None:
+      new_cache = None
+      k_BxSxKxF, v_BxSxKxF = k_BxTxKxF, v_BxTxKxF
+    else:
+      cache_k, cache_v = kv_cache
+      start = (0, write_index, 0, 0)
+      k_BxSxKxF = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxF.astype(cache_k.dtype), start)
+      v_BxSxKxF = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxF.astype(cache_v.dtype), start)
+      new_cache = (k_BxSxKxF, v_BxSxKxF)
+
+    q_BxTxKxGxF = q_BxTxHxF.reshape(B, T, K, H // K, F)
+    logits_BxKxGxTxS = jnp.einsum("btkgf,bskf->bkgts", q_BxTxKxGxF, k_BxSxKxF.astype(dtype))
+    logits_BxKxGxTxS = logits_BxKxGxTxS.astype(jnp.float32)
+    if cfg.attn_softcap is not None:
+      logits_BxKxGxTxS = cfg.attn_softcap * jnp.tanh(logits_BxKxGxTxS / cfg.attn_softcap)
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
+    probs_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], probs_BxKxGxTxS, 0.0).astype(dtype)
+    out_BxTxKxGxF = jnp.einsum("bkgts,bskf->btkgf", probs_BxKxGxTxS, v_BxSxKxF.astype(dtype))
+    out_BxTxHxF = out_BxTxKxGxF.reshape(B, T, H, F)
+    out_BxTxD = jnp.einsum("bthf,hfd->btd", out_BxTxHxF, w_o.astype(dtype))
+    return out_BxTxD, new_cache
+
+
+class GatedMLP(nn.Module):
+  """``down(act(gate(x)) * up(x))``: SwiGLU with silu, GeGLU with tanh-approximated gelu."""
+
+  config: TransformerConfig
+  mesh: Mesh | None
+  rules: sh.Rules
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    D, M = cfg.embed_dim, cfg.mlp_dim
+    dtype = jnp.dtype(cfg.dtype)
+    w_gate = _param(self, "gate_proj", (D, M), (sh.EMBED, sh.MLP), _fan_in_init(D))
+    w_up = _param(self, "up_proj", (D, M), (sh.EMBED, sh.MLP), _fan_in_init(D))
+    w_down = _param(self, "down_proj", (M, D), (sh.MLP, sh.EMBED), _fan_in_init(M))
+    x = x_BxTxD.astype(dtype)
+    gate_BxTxM = jnp.einsum("btd,dm->btm", x, w_gate.astype(dtype))
+    up_BxTxM = jnp.einsum("btd,dm->btm", x, w_up.astype(dtype))
+    act = jax.nn.silu if cfg.activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
+    hidden_BxTxM = sh.constrain(act(gate_BxTxM) * up_BxTxM, (sh.BATCH, sh.LENGTH, sh.MLP),
+                                self.mesh, self.rules)
+    return jnp.einsum("btm,md->btd", hidden_BxTxM, w_down.astype(dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm decoder layer, with Gemma's extra post-norms when ``sandwich_norm``.
+
+  Scanned over depth: ``layer_in`` holds this layer's slice of the per-layer data (is_local flag and
+  KV cache), ``shared`` the tensors all layers read (rope tables, masks, cache write index).
+  """
+
+  config: TransformerConfig
+  mesh: Mesh | None
+  rules: sh.Rules
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, layer_in: dict[str, Any], shared: dict[str, Any]):
+    cfg = self.config
+    is_local = layer_in["is_local"]
+    sin_cos = tuple(jnp.where(is_local, l, g) for l, g in zip(shared["rope_local"], shared["rope_global"]))
+    mask = jnp.where(is_local, shared["mask_local"], shared["mask_global"])
+    kv = None if layer_in["k"] is None else (layer_in["k"], layer_in["v"])
+
+    h = RMSNorm(cfg, name="pre_attn_norm")(x_BxTxD)
+    h, new_kv = Attention(cfg, self.mesh, self.rules, name="attn")(h, sin_cos, mask, kv,
+                                                                   shared["write_index"])
+    if cfg.sandwich_norm:
+      h = RMSNorm(cfg, name="post_attn_norm")(h)
+    x_BxTxD = x_BxTxD + h.astype(x_BxTxD.dtype)
+
+    h = RMSNorm(cfg, name="pre_ffw_norm")(x_BxTxD)
+    h = GatedMLP(cfg, self.mesh, self.rules, name="mlp")(h)
+    if cfg.sandwich_norm:
+      h = RMSNorm(cfg, name="post_ffw_norm")(h)
+    x_BxTxD = x_BxTxD + h.astype(x_BxTxD.dtype)
+    x_BxTxD = sh.constrain(x_BxTxD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED), self.mesh, self.rules)
+    out = {"k": None, "v": None} if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}
+    return x_BxTxD, out

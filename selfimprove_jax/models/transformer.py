@@ -1,0 +1,233 @@
+"""The decoder-only transformer: one Linen module for every family, plus its KV cache.
+
+Two call modes share one code path:
+  * full sequence (training, teacher-forced scoring): ``cache=None``; padding and positions explicit.
+  * incremental decode: pass a ``KVCache``; the T new tokens are written at slots
+    ``[cache.index, cache.index + T)`` and attend to every filled slot. A prefill is just a decode
+    call with the whole (padded) prompt.
+
+Cache layout: k/v are (layers, B, S, K, F) so the layer scan slices axis 0; ``pos`` (B, S) holds each
+slot's token position, -1 for padding and empty slots, which is all the mask needs. Slots are shared
+across the batch (one scalar write index), positions are per row, so left- or right-padded prompts
+and N samples forked from one prefill all decode with the same program.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from selfimprove_jax import sharding as sh
+from selfimprove_jax.models.config import RopeScaling, TransformerConfig
+from selfimprove_jax.models.layers import NO_WINDOW, Block, RMSNorm, _param, attention_mask, rope_sin_cos
+
+CACHE_KV_AXES = (sh.LAYERS, sh.BATCH, sh.CACHE_LENGTH, sh.KV_HEADS, sh.HEAD_DIM)
+CACHE_POS_AXES = (sh.BATCH, sh.CACHE_LENGTH)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer. k, v: (L, B, S, K, F); pos: (B, S) int32; index: () int32."""
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.pos.shape[1]
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any = None,
+               mesh: Mesh | None = None, rules: sh.Rules = sh.SAMPLE_RULES) -> KVCache:
+  """An empty cache, created directly in its sharded layout when a mesh is given."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  kv_shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+
+  def make():
+    return KVCache(k=jnp.zeros(kv_shape, dtype), v=jnp.zeros(kv_shape, dtype),
+                   pos=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+
+  if mesh is None:
+    return jax.jit(make)()
+  kv = sh.logical_sharding(CACHE_KV_AXES, kv_shape, mesh, rules)
+  out = KVCache(k=kv, v=kv, pos=sh.logical_sharding(CACHE_POS_AXES, (batch, max_len), mesh, rules),
+                index=sh.logical_sharding((), (), mesh, rules))
+  return jax.jit(make, out_shardings=out)()
+
+
+class Transformer(nn.Module):
+  """Decoder-only transformer.
+
+  Attributes:
+    config: the architecture.
+    mesh: mesh for activation sharding constraints; None on a single device.
+    rules: logical-to-mesh rules for those constraints (``sharding.TRAIN_RULES`` or ``SAMPLE_RULES``).
+  """
+
+  config: TransformerConfig
+  mesh: Mesh | None = None
+  rules: sh.Rules = sh.TRAIN_RULES
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = _EmbeddingTable(cfg)
+    scanned = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: sh.LAYERS},
+    )
+    self.layers = scanned(cfg, self.mesh, self.rules)
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = _LMHead(cfg)
+
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+               input_mask_BxT: jax.Array | None = None, cache: KVCache | None = None,
+               return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
+    """Runs the model.
+
+    Args:
+      tokens_BxT: int token ids.
+      positions_BxT: int positions (default 0..T-1); with left padding the first real token is 0.
+      input_mask_BxT: True for real tokens, False for padding (default all True). Padding is never
+        attended to; outputs at padding positions are finite but meaningless.
+      cache: a ``KVCache`` to write into and attend over; None for the full-sequence mode.
+      return_hidden: return the final-normed hidden states (B, T, D) instead of logits, for
+        callers that project onto the vocabulary in chunks (see ``logits``).
+    Returns:
+      (logits_BxTxV float32 | hidden_BxTxD, updated cache or None).
+    """
+    cfg = self.config
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if input_mask_BxT is None:
+      input_mask_BxT = jnp.ones((B, T), bool)
+    new_pos_BxT = jnp.where(input_mask_BxT, positions_BxT, -1).astype(jnp.int32)
+
+    if cache is None:
+      k_pos_BxS, q_slot_T, write_index = new_pos_BxT, jnp.arange(T), None
+    else:
+      write_index = cache.index
+      k_pos_BxS = jax.lax.dynamic_update_slice(cache.pos, new_pos_BxT, (0, write_index))
+      q_slot_T = write_index + jnp.arange(T)
+    k_slot_S = jnp.arange(k_pos_BxS.shape[1])
+
+    is_local = np.asarray(cfg.layer_is_local)
+    rope_global = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    mask_global = attention_mask(positions_BxT, q_slot_T, k_pos_BxS, k_slot_S, NO_WINDOW)
+    rope_local, mask_local = rope_global, mask_global
+    if is_local.any():
+      mask_local = attention_mask(positions_BxT, q_slot_T, k_pos_BxS, k_slot_S, cfg.sliding_window)
+      if cfg.local_rope_theta is not None:
+        rope_local = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.local_rope_theta, RopeScaling())
+    shared = dict(rope_global=rope_global, rope_local=rope_local, mask_global=mask_global,
+                  mask_local=mask_local, write_index=write_index)
+    layer_in = dict(is_local=jnp.asarray(is_local), k=None if cache is None else cache.k,
+                    v=None if cache is None else cache.v)
+
+    x_BxTxD = self.embedding.encode(tokens_BxT)
+    # Identity unless a 'perturbations' collection is passed: lets tests and analyses take
+    # gradients with respect to the input embeddings.
+    x_BxTxD = self.perturb("embeddings", x_BxTxD)
+    x_BxTxD = sh.constrain(x_BxTxD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED), self.mesh, self.rules)
+    x_BxTxD, layer_out = self.layers(x_BxTxD, layer_in, shared)
+    hidden_BxTxD = self.final_norm(x_BxTxD)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=layer_out["k"], v=layer_out["v"], pos=k_pos_BxS, index=write_index + T)
+    if return_hidden:
+      return hidden_BxTxD, new_cache
+    return self.logits(hidden_BxTxD), new_cache
+
+  def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+    """Projects final hidden states onto the vocabulary (float32), with the final soft-cap."""
+    if self.config.tie_embeddings:
+      logits_BxTxV = self.embedding.attend(hidden_BxTxD)
+    else:
+      logits_BxTxV = self.lm_head(hidden_BxTxD)
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    cap = self.config.final_softcap
+    if cap is not None:
+      logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
+    return sh.constrain(logits_BxTxV, (sh.BATCH, sh.LENGTH, sh.VOCAB), self.mesh, self.rules)
+
+
+class _EmbeddingTable(nn.Module):
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.table = _param(self, "embedding", (cfg.vocab_size, cfg.embed_dim), (sh.VOCAB, sh.EMBED),
+                        nn.initializers.normal(stddev=cfg.embed_dim**-0.5))
+
+  def encode(self, tokens_BxT: jax.Array) -> jax.Array:
+    dtype = jnp.dtype(self.config.dtype)
+    x_BxTxD = jnp.take(self.table, tokens_BxT, axis=0).astype(dtype)
+    if self.config.embed_scale:
+      # Gemma rounds the normalizer to the activation dtype before multiplying.
+      x_BxTxD = x_BxTxD * jnp.asarray(self.config.embed_dim**0.5, dtype)
+    return x_BxTxD
+
+  def attend(self, hidden_BxTxD: jax.Array) -> jax.Array:
+    dtype = jnp.dtype(self.config.dtype)
+    return jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(dtype), self.table.astype(dtype))
+
+
+class _LMHead(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, hidden_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    w = _param(self, "kernel", (cfg.embed_dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB),
+               nn.initializers.normal(stddev=cfg.embed_dim**-0.5))
+    return jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dtype), w.astype(dtype))
+
+
+# ----------------------------------------------------------------------------- param creation
+
+def _boxed_init(model: Transformer):
+  def init(rng):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return model.init(rng, tokens)["params"]
+  return init
+
+
+def init_params(config: TransformerConfig, rng: jax.Array, mesh: Mesh | None = None,
+                rules: sh.Rules = sh.TRAIN_RULES) -> Any:
+  """Random parameters (a plain pytree), created directly in their sharded layout on ``mesh``."""
+  params, _ = sh.sharded_init(_boxed_init(Transformer(config)), mesh, rules, rng)
+  return params
+
+
+def param_logical_names(config: TransformerConfig) -> Any:
+  """Tree of logical axis-name tuples matching ``init_params``' output; computes nothing."""
+  abstract = jax.eval_shape(_boxed_init(Transformer(config)), jax.random.key(0))
+  return sh.logical_names(abstract)
+
+
+def param_shapes(config: TransformerConfig) -> Any:
+  """Tree of ``jax.ShapeDtypeStruct`` of the parameters; allocates nothing."""
+  return nn.meta.unbox(jax.eval_shape(_boxed_init(Transformer(config)), jax.random.key(0)))
+
+
+def param_shardings(config: TransformerConfig, mesh: Mesh, rules: sh.Rules = sh.TRAIN_RULES) -> Any:
+  """``NamedSharding`` per parameter under ``rules``."""
+  return sh.tree_shardings(param_logical_names(config), param_shapes(config), mesh, rules)
+
+
+def count_params(config: TransformerConfig) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(config))))

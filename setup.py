@@ -1,0 +1,39 @@
+"""Installs selfimprove_jax. Version ranges are the ones tested on the project's CI machines."""
+from setuptools import find_packages, setup
+
+setup(
+    name="selfimprove_jax",
+    version="0.1.0",
+    description="Generate -> verify -> distill self-improvement loops and sharpening analyses in JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["selfimprove_jax", "selfimprove_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10,<5",
+        "importlib_resources>=7.1",  # imported by tensorflow-datasets without being declared there
+        "sentencepiece>=0.2.3,<0.3",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1.0,<2",
+        "safetensors>=0.8.0,<0.9",
+        "tokenizers>=0.23.3,<0.24",
+        "numpy>=2.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=9.0",
+            "chex>=0.1.92",
+            # Parity tests compare against the reference implementations on tiny random models.
+            "torch==2.13.0",
+            "transformers>=5.23,<6",
+        ],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gpu": ["jax[cuda13]>=0.10.2,<0.11"],
+    },
+    entry_points={"console_scripts": ["selfimprove=selfimprove_jax.main:run"]},
+)
