@@ -103,12 +103,17 @@ def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh):
   if use_mesh:
     params = init_params(cfg, jax.random.key(0), mesh, sh.SAMPLE_RULES)
   tokens, positions, mask = _batch(cfg)
-  tokens, positions, mask = (np.concatenate([a, a]) for a in (tokens, positions, mask))
+  tokens, positions, mask = (np.concatenate([a, a, a[:2]]) for a in (tokens, positions, mask))
   full = np.asarray(_forward(cfg, params, tokens, positions, mask))
 
   model = Transformer(cfg, m, sh.SAMPLE_RULES)
   step = jax.jit(lambda p, t, pos, msk, c: model.apply({"params": p}, t, pos, msk, cache=c))
-  cache = init_cache(cfg, 2 * B, T + 4, mesh=m)
+  cache = init_cache(cfg, len(tokens), T + 4, mesh=m)
+  P = jax.sharding.PartitionSpec
+  kv_spec = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor"))
+  if use_mesh:
+    assert cache.k.sharding.is_equivalent_to(kv_spec, 5)
+    assert cache.pos.sharding.spec == P(("data", "fsdp"), None)
   prefill = 6
   logits, cache = step(params, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache)
   chunks = [np.asarray(logits)]
@@ -116,6 +121,8 @@ def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh):
     logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
     chunks.append(np.asarray(logits))
   assert int(cache.index) == T
+  if use_mesh:
+    assert cache.k.sharding.is_equivalent_to(kv_spec, 5), "decoding moved the cache"
   decoded = np.concatenate(chunks, axis=1)
   np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5, rtol=0)
 

@@ -9,7 +9,8 @@ import dataclasses
 import math
 from typing import Any
 
-FAMILIES = ("gemma2", "gemma3", "llama3", "mistral", "phi3", "qwen2", "qwen3")
+from selfimprove_jax.families import FAMILIES
+
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_KINDS = ("global", "local")
 ROPE_KINDS = ("none", "linear", "llama3", "longrope")

@@ -12,10 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from selfimprove_jax.families import FAMILIES
+
 if TYPE_CHECKING:
   from selfimprove_jax.tokenizer.base import Tokenizer
 
-FAMILIES = ("gemma2", "gemma3", "llama3", "mistral", "phi3", "qwen2", "qwen3")
 ROLES = ("system", "user", "assistant")
 
 # Strings that end an assistant turn; generation stops on any of them.
