@@ -66,10 +66,11 @@ def forward(cfg, params, tokens, positions, mask):
   B, T = tokens.shape
   H, K, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   group = H // K
-  use_long = cfg.rope_scaling.kind == "longrope" and positions.max() + 1 > cfg.rope_scaling.original_max_len
   out = np.zeros((B, T, cfg.vocab_size))
   act = _silu if cfg.activation == "silu" else _gelu_tanh
   for b in range(B):
+    use_long = (cfg.rope_scaling.kind == "longrope"
+                and positions[b].max() + 1 > cfg.rope_scaling.original_max_len)
     x = p["embedding"]["embedding"][tokens[b]].copy()
     if cfg.embed_scale:
       x = x * math.sqrt(cfg.embed_dim)

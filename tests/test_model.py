@@ -206,3 +206,16 @@ def test_forward_traces_once_for_repeated_shapes():
   # Sampling parameters never reach the model; positions and masks are data, so new values of
   # them do not retrace either.
   chex.clear_trace_counter()
+
+
+def test_padding_ids_and_default_positions():
+  """Junk ids under the padding mask change nothing; default positions count real tokens only."""
+  cfg = TINY["mistral"]
+  params = init_params(cfg, jax.random.key(0))
+  tokens, positions, mask = _batch(cfg)
+  reference = np.asarray(_forward(cfg, params, tokens, positions, mask))
+  junk = np.where(mask, tokens, 10 * cfg.vocab_size)
+  model = Transformer(cfg)
+  defaulted = np.asarray(jax.jit(model.apply)({"params": params}, junk, None, mask)[0])
+  assert np.isfinite(defaulted).all()
+  np.testing.assert_allclose(defaulted[mask], reference[mask], atol=1e-6)

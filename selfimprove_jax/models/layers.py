@@ -75,17 +75,18 @@ def rope_sin_cos(positions_BxT: jax.Array, head_dim: int, theta: float,
                  scaling: RopeScaling) -> tuple[jax.Array, jax.Array]:
   """sin and cos tables (B, T, R) in float32 for the given positions.
 
-  For longrope the long-context frequencies apply when any position reaches ``original_max_len``,
-  decided on device per call, so a decode step crossing the boundary switches without recompiling.
+  For longrope a row uses the long-context frequencies when any of its positions reaches
+  ``original_max_len``: decided on device per call and per row (so a row's scores do not depend on
+  its batch-mates), and a decode step crossing the boundary switches without recompiling.
   """
   short, long = rope_inv_freq(head_dim, theta, scaling)
-  inv_R = jnp.asarray(short)
+  inv_Bx1xR = jnp.asarray(short)[None, None, :]
   scale = 1.0
   if scaling.kind == "longrope":
-    use_long = jnp.max(positions_BxT) + 1 > scaling.original_max_len
-    inv_R = jnp.where(use_long, jnp.asarray(long), inv_R)
+    use_long_Bx1x1 = (jnp.max(positions_BxT, axis=-1) + 1 > scaling.original_max_len)[:, None, None]
+    inv_Bx1xR = jnp.where(use_long_Bx1x1, jnp.asarray(long), inv_Bx1xR)
     scale = scaling.longrope_attention_factor
-  angles_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_R
+  angles_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_Bx1xR
   return jnp.sin(angles_BxTxR) * scale, jnp.cos(angles_BxTxR) * scale
 
 
@@ -123,8 +124,16 @@ class Attention(nn.Module):
   rules: sh.Rules
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], mask_BxTxS: jax.Array,
-               kv_cache: tuple[jax.Array, jax.Array] | None, write_index: jax.Array | None):
+  def __call__(self, x_BxTxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], mask_new_BxTxT: jax.Array,
+               past_kv: tuple[jax.Array, jax.Array] | None = None, mask_past_BxTxS: jax.Array | None = None):
+    """Attends from the T new tokens to themselves and, with a cache, to the S cached slots.
+
+    The cache is only read here: keys and values of the new tokens are returned (cast to the cache
+    dtype) for the caller to write once for all layers, so a decode step never copies the cache.
+
+    Returns:
+      (out_BxTxD, (k_BxTxKxF, v_BxTxKxF) or None without a cache).
+    """
     cfg = self.config
     D, H, K, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     B, T, _ = x_BxTxD.shape
@@ -150,29 +159,31 @@ class Attention(nn.Module):
     k_BxTxKxF = apply_rope(k_BxTxKxF, *sin_cos)
     q_BxTxHxF = q_BxTxHxF * jnp.asarray((cfg.query_scale or F) ** -0.5, dtype)
     q_BxTxHxF = sh.constrain(q_BxTxHxF, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM), self.mesh, self.rules)
-
-    if kv_cache is None:
-      new_cache = None
-      k_BxSxKxF, v_BxSxKxF = k_BxTxKxF, v_BxTxKxF
-    else:
-      cache_k, cache_v = kv_cache
-      start = (0, write_index, 0, 0)
-      k_BxSxKxF = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxF.astype(cache_k.dtype), start)
-      v_BxSxKxF = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxF.astype(cache_v.dtype), start)
-      new_cache = (k_BxSxKxF, v_BxSxKxF)
-
     q_BxTxKxGxF = q_BxTxHxF.reshape(B, T, K, H // K, F)
-    logits_BxKxGxTxS = jnp.einsum("btkgf,bskf->bkgts", q_BxTxKxGxF, k_BxSxKxF.astype(dtype))
-    logits_BxKxGxTxS = logits_BxKxGxTxS.astype(jnp.float32)
+
+    logits_BxKxGxTxT = jnp.einsum("btkgf,bskf->bkgts", q_BxTxKxGxF, k_BxTxKxF)
+    if past_kv is None:
+      logits, mask, S = logits_BxKxGxTxT, mask_new_BxTxT, 0
+    else:
+      past_k, past_v = past_kv
+      S = past_k.shape[1]
+      logits_BxKxGxTxS = jnp.einsum("btkgf,bskf->bkgts", q_BxTxKxGxF, past_k.astype(dtype))
+      logits = jnp.concatenate([logits_BxKxGxTxS, logits_BxKxGxTxT], axis=-1)
+      mask = jnp.concatenate([mask_past_BxTxS, mask_new_BxTxT], axis=-1)
+    logits = logits.astype(jnp.float32)
     if cfg.attn_softcap is not None:
-      logits_BxKxGxTxS = cfg.attn_softcap * jnp.tanh(logits_BxKxGxTxS / cfg.attn_softcap)
-    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED)
-    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
-    probs_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], probs_BxKxGxTxS, 0.0).astype(dtype)
-    out_BxTxKxGxF = jnp.einsum("bkgts,bskf->btkgf", probs_BxKxGxTxS, v_BxSxKxF.astype(dtype))
+      logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
+    mask = mask[:, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(dtype)
+    out_BxTxKxGxF = jnp.einsum("bkgts,bskf->btkgf", probs[..., S:], v_BxTxKxF)
+    if past_kv is not None:
+      out_BxTxKxGxF += jnp.einsum("bkgts,bskf->btkgf", probs[..., :S], past_v.astype(dtype))
     out_BxTxHxF = out_BxTxKxGxF.reshape(B, T, H, F)
     out_BxTxD = jnp.einsum("bthf,hfd->btd", out_BxTxHxF, w_o.astype(dtype))
-    return out_BxTxD, new_cache
+    if past_kv is None:
+      return out_BxTxD, None
+    return out_BxTxD, (k_BxTxKxF.astype(past_k.dtype), v_BxTxKxF.astype(past_v.dtype))
 
 
 class GatedMLP(nn.Module):
@@ -203,7 +214,9 @@ class Block(nn.Module):
   """Pre-norm decoder layer, with Gemma's extra post-norms when ``sandwich_norm``.
 
   Scanned over depth: ``layer_in`` holds this layer's slice of the per-layer data (is_local flag and
-  KV cache), ``shared`` the tensors all layers read (rope tables, masks, cache write index).
+  cached keys/values), ``shared`` the tensors all layers read: rope tables and masks, each as a
+  {"local", "global"} pair from which the layer picks by its flag. Returns this layer's new keys and
+  values (or None without a cache) as the scan's per-layer output.
   """
 
   config: TransformerConfig
@@ -214,13 +227,13 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, layer_in: dict[str, Any], shared: dict[str, Any]):
     cfg = self.config
     is_local = layer_in["is_local"]
-    sin_cos = tuple(jnp.where(is_local, l, g) for l, g in zip(shared["rope_local"], shared["rope_global"]))
-    mask = jnp.where(is_local, shared["mask_local"], shared["mask_global"])
-    kv = None if layer_in["k"] is None else (layer_in["k"], layer_in["v"])
+    pick = lambda kind: jax.tree.map(lambda l, g: jnp.where(is_local, l, g), shared[kind]["local"],
+                                     shared[kind]["global"])
+    past_kv = None if layer_in["k"] is None else (layer_in["k"], layer_in["v"])
 
     h = RMSNorm(cfg, name="pre_attn_norm")(x_BxTxD)
-    h, new_kv = Attention(cfg, self.mesh, self.rules, name="attn")(h, sin_cos, mask, kv,
-                                                                   shared["write_index"])
+    h, new_kv = Attention(cfg, self.mesh, self.rules, name="attn")(
+        h, pick("rope"), pick("mask_new"), past_kv, pick("mask_past"))
     if cfg.sandwich_norm:
       h = RMSNorm(cfg, name="post_attn_norm")(h)
     x_BxTxD = x_BxTxD + h.astype(x_BxTxD.dtype)

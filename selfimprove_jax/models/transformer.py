@@ -2,9 +2,10 @@
 
 Two call modes share one code path:
   * full sequence (training, teacher-forced scoring): ``cache=None``; padding and positions explicit.
-  * incremental decode: pass a ``KVCache``; the T new tokens are written at slots
-    ``[cache.index, cache.index + T)`` and attend to every filled slot. A prefill is just a decode
-    call with the whole (padded) prompt.
+  * incremental decode: pass a ``KVCache``; the T new tokens attend to every filled slot and to each
+    other, and their keys/values are then written at slots ``[cache.index, cache.index + T)`` with
+    one update for all layers (layers only read the cache, so a decode step never copies it). A
+    prefill is just a decode call with the whole (padded) prompt.
 
 Cache layout: k/v are (layers, B, S, K, F) so the layer scan slices axis 0; ``pos`` (B, S) holds each
 slot's token position, -1 for padding and empty slots, which is all the mask needs. Slots are shared
@@ -98,7 +99,8 @@ class Transformer(nn.Module):
 
     Args:
       tokens_BxT: int token ids.
-      positions_BxT: int positions (default 0..T-1); with left padding the first real token is 0.
+      positions_BxT: int positions; by default counted over the real tokens of ``input_mask``
+        (the first real token is 0), which is right for left- and right-padded rows alike.
       input_mask_BxT: True for real tokens, False for padding (default all True). Padding is never
         attended to; outputs at padding positions are finite but meaningless.
       cache: a ``KVCache`` to write into and attend over; None for the full-sequence mode.
@@ -109,30 +111,26 @@ class Transformer(nn.Module):
     """
     cfg = self.config
     B, T = tokens_BxT.shape
-    if positions_BxT is None:
-      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if input_mask_BxT is None:
       input_mask_BxT = jnp.ones((B, T), bool)
+    if positions_BxT is None:
+      positions_BxT = jnp.maximum(jnp.cumsum(input_mask_BxT, axis=1) - 1, 0).astype(jnp.int32)
     new_pos_BxT = jnp.where(input_mask_BxT, positions_BxT, -1).astype(jnp.int32)
 
-    if cache is None:
-      k_pos_BxS, q_slot_T, write_index = new_pos_BxT, jnp.arange(T), None
-    else:
-      write_index = cache.index
-      k_pos_BxS = jax.lax.dynamic_update_slice(cache.pos, new_pos_BxT, (0, write_index))
-      q_slot_T = write_index + jnp.arange(T)
-    k_slot_S = jnp.arange(k_pos_BxS.shape[1])
-
     is_local = np.asarray(cfg.layer_is_local)
+    windows = {"global": NO_WINDOW, "local": cfg.sliding_window} if is_local.any() else {"global": NO_WINDOW}
     rope_global = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    mask_global = attention_mask(positions_BxT, q_slot_T, k_pos_BxS, k_slot_S, NO_WINDOW)
-    rope_local, mask_local = rope_global, mask_global
-    if is_local.any():
-      mask_local = attention_mask(positions_BxT, q_slot_T, k_pos_BxS, k_slot_S, cfg.sliding_window)
-      if cfg.local_rope_theta is not None:
-        rope_local = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.local_rope_theta, RopeScaling())
-    shared = dict(rope_global=rope_global, rope_local=rope_local, mask_global=mask_global,
-                  mask_local=mask_local, write_index=write_index)
+    rope_local = rope_global
+    if is_local.any() and cfg.local_rope_theta is not None:
+      rope_local = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.local_rope_theta, RopeScaling())
+    slots_T = jnp.arange(T)
+    shared = {"rope": {"global": rope_global, "local": rope_local}, "mask_new": {}, "mask_past": {}}
+    for kind, window in windows.items():
+      shared["mask_new"][kind] = attention_mask(positions_BxT, slots_T, new_pos_BxT, slots_T, window)
+      shared["mask_past"][kind] = None if cache is None else attention_mask(
+          positions_BxT, cache.index + slots_T, cache.pos, jnp.arange(cache.max_len), window)
+    for kind in ("mask_new", "mask_past"):
+      shared[kind].setdefault("local", shared[kind]["global"])
     layer_in = dict(is_local=jnp.asarray(is_local), k=None if cache is None else cache.k,
                     v=None if cache is None else cache.v)
 
@@ -146,7 +144,12 @@ class Transformer(nn.Module):
 
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=layer_out["k"], v=layer_out["v"], pos=k_pos_BxS, index=write_index + T)
+      # One write of the new tokens' keys/values for all layers (in place inside a decode loop).
+      at = (0, 0, cache.index, 0, 0)
+      new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, layer_out["k"], at),
+                          v=jax.lax.dynamic_update_slice(cache.v, layer_out["v"], at),
+                          pos=jax.lax.dynamic_update_slice(cache.pos, new_pos_BxT, (0, cache.index)),
+                          index=cache.index + T)
     if return_hidden:
       return hidden_BxTxD, new_cache
     return self.logits(hidden_BxTxD), new_cache
@@ -174,7 +177,9 @@ class _EmbeddingTable(nn.Module):
 
   def encode(self, tokens_BxT: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.config.dtype)
-    x_BxTxD = jnp.take(self.table, tokens_BxT, axis=0).astype(dtype)
+    # Clip: an out-of-range id (junk under a padding mask) must not become NaN, which masked
+    # attention would spread to the row's real tokens through 0 * NaN.
+    x_BxTxD = jnp.take(self.table, tokens_BxT, axis=0, mode="clip").astype(dtype)
     if self.config.embed_scale:
       # Gemma rounds the normalizer to the activation dtype before multiplying.
       x_BxTxD = x_BxTxD * jnp.asarray(self.config.embed_dim**0.5, dtype)
