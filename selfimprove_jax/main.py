@@ -14,8 +14,9 @@ from absl import app
 from ml_collections import config_flags
 
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.models import Transformer, count_params, get_preset, init_cache, init_params
-from selfimprove_jax.tokenizer import render_chat, stop_ids_for_family, train_sentencepiece
+from selfimprove_jax.models import Transformer, count_params, get_preset, init_params
+from selfimprove_jax.sampling import Sampler
+from selfimprove_jax.tokenizer import render_chat, train_sentencepiece
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
@@ -27,7 +28,7 @@ _TOKENIZER_TEXT = [
 
 
 def smoke(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Builds the configured model on a mesh and decodes greedily from a chat prompt with the KV cache.
+  """Builds the configured model on a mesh and samples greedily from a chat prompt with the sampler.
 
   The model has random weights, so the text is noise; the run checks that the pieces fit together on
   the machine's devices and that cached decoding agrees with a full forward pass.
@@ -43,33 +44,26 @@ def smoke(config: ml_collections.ConfigDict) -> dict[str, float]:
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but model={config.model!r} "
                      f"embeds only vocab_size={cfg.vocab_size}")
-  prompt = np.asarray([tokenizer.encode(text, add_bos=True)], np.int32)
-  stops = jnp.asarray(stop_ids_for_family(tokenizer, cfg.family))
 
   model = Transformer(cfg, mesh, sh.SAMPLE_RULES)
-  step = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, cache=c))
-  full = jax.jit(lambda p, t: model.apply({"params": p}, t)[0])
-  cache = init_cache(cfg, 1, prompt.shape[1] + config.max_new_tokens, mesh=mesh)
-
+  sampler = Sampler(model, params, tokenizer, max_new_tokens=config.max_new_tokens, batch_size=1)
   start = time.perf_counter()
-  logits, cache = step(params, prompt, jnp.arange(prompt.shape[1])[None], cache)
-  tokens = list(prompt[0])
-  for _ in range(config.max_new_tokens):
-    next_token = int(jnp.argmax(logits[0, -1]))
-    tokens.append(next_token)
-    if next_token in stops:
-      break
-    logits, cache = step(params, jnp.asarray([[next_token]]), jnp.asarray([[len(tokens) - 1]]), cache)
+  completion = sampler([text], rng=config.seed, temperature=0.0)
   elapsed = time.perf_counter() - start
+  new_tokens = completion.tokens[0][0]
 
-  reference = full(params, jnp.asarray([tokens[:-1]]))
-  greedy_again = np.asarray(jnp.argmax(reference[0, prompt.shape[1] - 1:], axis=-1))
-  agree = float(np.mean(greedy_again == np.asarray(tokens[prompt.shape[1]:])))
-  print(f"prompt ({prompt.shape[1]} tokens): {text!r}")
-  print(f"greedy continuation: {tokenizer.decode(tokens[prompt.shape[1]:])!r}")
-  print(f"{len(tokens) - prompt.shape[1]} new tokens in {elapsed:.2f}s (including compilation); "
+  # Greedy decoding through the KV cache must pick the argmax of a full, uncached forward pass.
+  prompt = tokenizer.encode(text, add_bos=True)
+  sequence = jnp.asarray([prompt + new_tokens[:-1]])
+  reference = jax.jit(lambda p, t: model.apply({"params": p}, t)[0])(params, sequence)
+  logits = np.array(reference[0, len(prompt) - 1:])
+  logits[:, tokenizer.vocab_size:] = -np.inf  # the sampler never emits ids the tokenizer lacks
+  agree = float(np.mean(logits.argmax(-1) == np.asarray(new_tokens)))
+  print(f"prompt ({len(prompt)} tokens): {text!r}")
+  print(f"greedy continuation: {completion.texts[0][0]!r} ({completion.finish_reasons[0][0]})")
+  print(f"{len(new_tokens)} new tokens in {elapsed:.2f}s (including compilation); "
         f"cached decode agrees with a full forward on {agree:.0%} of them")
-  return {"new_tokens": len(tokens) - prompt.shape[1], "agreement": agree}
+  return {"new_tokens": len(new_tokens), "agreement": agree}
 
 
 def main(argv):

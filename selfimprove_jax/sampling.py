@@ -1,0 +1,293 @@
+"""Sampling: one prefill per prompt, N continuations sharing it, decoded by a ``lax.while_loop`` in jit.
+
+Row legend: B prompts, N samples per prompt, R = B * N sampled rows, P padded prompt length,
+M max new tokens, V vocabulary, S stop ids.
+
+Sampling parameters (temperature, top-k, top-p) are traced arrays with one value per row, so a sweep
+over them never recompiles; temperature 0 is greedy. Prompts are left-padded, which puts every
+prompt's last token in the same cache slot: the prefill's last position gives each prompt's
+next-token logits, and all rows then decode in lock-step while positions stay per row.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfimprove_jax import sharding as sh
+from selfimprove_jax.models.transformer import CACHE_KV_AXES, CACHE_POS_AXES, KVCache, init_cache
+from selfimprove_jax.scoring import token_logprobs
+
+FINISH_STOP = 0  # a stop token was generated (it is included in the completion)
+FINISH_LENGTH = 1  # max_new_tokens reached
+
+
+@flax.struct.dataclass
+class SamplingParams:
+  """Per-row sampling parameters: temperature (R,) f32, 0 = greedy; top_k (R,) i32, 0 = off;
+  top_p (R,) f32, 1 = off. Top-k is applied first, top-p on the renormalised survivors."""
+
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+  @classmethod
+  def make(cls, rows: int, temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0) -> "SamplingParams":
+    """Broadcasts scalars or per-row values to ``rows`` rows, validating each value."""
+    def prep(name, value, dtype, ok, why):
+      arr = np.broadcast_to(np.asarray(value, dtype), (rows,))
+      bad = arr[~ok(arr)]
+      if bad.size:
+        raise ValueError(f"{name}={bad[0].item()!r}: {why}")
+      return jnp.asarray(arr)
+    return cls(temperature=prep("temperature", temperature, np.float32, lambda a: a >= 0, "must be >= 0"),
+               top_k=prep("top_k", top_k, np.int32, lambda a: a >= 0, "must be >= 0 (0 disables)"),
+               top_p=prep("top_p", top_p, np.float32, lambda a: (a > 0) & (a <= 1), "must be in (0, 1]"))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Completions of R rows, grouped by prompt (rows b*N .. b*N+N-1 belong to prompt b).
+
+  tokens: (R, M) int32, ``pad_id`` after the end. lengths: (R,) generated tokens, stop token
+  included. finish_reason: (R,) ``FINISH_STOP`` or ``FINISH_LENGTH``. sampler_logprobs: (R, M) log-prob
+  under the distribution actually sampled (temperature, top-k/p; 0 for greedy). model_logprobs: (R, M)
+  under the unmodified model (T=1, no truncation): the self-reward's raw material. Both 0 past the end.
+  """
+
+  tokens: jax.Array
+  lengths: jax.Array
+  finish_reason: jax.Array
+  sampler_logprobs: jax.Array
+  model_logprobs: jax.Array
+
+
+def truncate_logits(logits_RxV: jax.Array, top_k_R: jax.Array, top_p_R: jax.Array) -> jax.Array:
+  """Masks (to -inf) logits outside each row's top-k, then outside its top-p nucleus.
+
+  Ties at a threshold are all kept. One descending sort per row serves both filters.
+  """
+  V = logits_RxV.shape[-1]
+  sorted_RxV = -jnp.sort(-logits_RxV, axis=-1)
+  k_R = jnp.where(top_k_R > 0, jnp.minimum(top_k_R, V), V)
+  ranks_V = jnp.arange(V)
+  in_k_RxV = ranks_V[None, :] < k_R[:, None]
+  probs_RxV = jax.nn.softmax(jnp.where(in_k_RxV, sorted_RxV, -jnp.inf), axis=-1)
+  mass_before_RxV = jnp.cumsum(probs_RxV, axis=-1) - probs_RxV
+  keep_RxV = in_k_RxV & (mass_before_RxV < top_p_R[:, None])
+  num_kept_R = jnp.sum(keep_RxV, axis=-1)
+  threshold_R = jnp.take_along_axis(sorted_RxV, (num_kept_R - 1)[:, None], axis=-1)
+  return jnp.where(logits_RxV >= threshold_R, logits_RxV, -jnp.inf)
+
+
+def sample_tokens(logits_RxV: jax.Array, params: SamplingParams, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row; returns (tokens (R,), log-prob under the sampled distribution (R,))."""
+  greedy_R = params.temperature <= 0
+  scaled_RxV = logits_RxV / jnp.where(greedy_R, 1.0, params.temperature)[:, None]
+  needs_truncation = jnp.any((params.top_k > 0) | (params.top_p < 1))
+  scaled_RxV = jax.lax.cond(needs_truncation, truncate_logits, lambda x, *_: x, scaled_RxV,
+                            params.top_k, params.top_p)
+  drawn_R = jax.random.categorical(key, scaled_RxV, axis=-1)
+  tokens_R = jnp.where(greedy_R, jnp.argmax(logits_RxV, axis=-1), drawn_R).astype(jnp.int32)
+  logp_R = jnp.where(greedy_R, 0.0, token_logprobs(scaled_RxV, tokens_R))
+  return tokens_R, logp_R
+
+
+@flax.struct.dataclass
+class _LoopState:
+  step: jax.Array  # index of the token sampled last
+  token_R: jax.Array
+  done_R: jax.Array
+  cache: KVCache
+  out: SampleOutput
+
+
+def _fork_cache(cache: KVCache, n: int, mesh, rules) -> KVCache:
+  k = sh.constrain(jnp.repeat(cache.k, n, axis=1), CACHE_KV_AXES, mesh, rules)
+  v = sh.constrain(jnp.repeat(cache.v, n, axis=1), CACHE_KV_AXES, mesh, rules)
+  pos = sh.constrain(jnp.repeat(cache.pos, n, axis=0), CACHE_POS_AXES, mesh, rules)
+  return KVCache(k=k, v=v, pos=pos, index=cache.index)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_samples", "pad_id"))
+def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: jax.Array,
+             sampling: SamplingParams, stop_ids_S: jax.Array, *, max_new_tokens: int, num_samples: int,
+             pad_id: int = 0, vocab_limit: jax.Array | int | None = None) -> SampleOutput:
+  """Samples ``num_samples`` continuations of each left-padded prompt.
+
+  Args:
+    model: a ``Transformer`` (or any module with its call signature, ``logits`` method and
+      ``config``/``mesh``/``rules`` attributes); static.
+    params: the model's parameters.
+    prompt_BxP: int32 prompts, left-padded; prompt_mask_BxP: True on real tokens (each row needs one).
+    rng: a PRNG key; the same key gives the same samples.
+    sampling: per-row parameters for R = B * num_samples rows.
+    stop_ids_S: int32 ids that end a row (may be empty).
+    vocab_limit: ids at or above it are never sampled (embedding tables are often padded past the
+      tokenizer's vocabulary); traced, so changing it does not recompile. ``model_logprobs`` still
+      use the unmodified distribution.
+  Returns:
+    ``SampleOutput`` with R rows.
+  """
+  B, P = prompt_BxP.shape
+  N, M = num_samples, max_new_tokens
+  R = B * N
+  mesh, rules = model.mesh, model.rules
+  variables = {"params": params}
+
+  positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0).astype(jnp.int32)
+  cache = init_cache(model.config, B, P + M, mesh=mesh, rules=rules)
+  hidden_BxPxD, cache = model.apply(variables, prompt_BxP, positions_BxP, prompt_mask_BxP,
+                                    cache=cache, return_hidden=True)
+  # Only the last position's logits are needed: never project the whole prompt onto the vocab.
+  logits_BxV = model.apply(variables, hidden_BxPxD[:, -1:], method="logits")[:, 0]
+  logits_RxV = jnp.repeat(logits_BxV, N, axis=0)
+  cache = _fork_cache(cache, N, mesh, rules)
+  next_pos_R = jnp.repeat(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32), N)
+
+  V = model.config.vocab_size
+  in_vocab_V = jnp.arange(V) < (V if vocab_limit is None else vocab_limit)
+
+  def emit(state_out: SampleOutput, step, logits_RxV, done_R, key):
+    token_R, sampler_lp_R = sample_tokens(jnp.where(in_vocab_V, logits_RxV, -jnp.inf), sampling, key)
+    model_lp_R = token_logprobs(logits_RxV, token_R)
+    live_R = ~done_R
+    stopped_R = live_R & jnp.isin(token_R, stop_ids_S)
+    put = lambda buf, val, fill: buf.at[:, step].set(jnp.where(live_R, val, fill))
+    out = state_out.replace(
+        tokens=put(state_out.tokens, token_R, pad_id),
+        sampler_logprobs=put(state_out.sampler_logprobs, sampler_lp_R, 0.0),
+        model_logprobs=put(state_out.model_logprobs, model_lp_R, 0.0),
+        lengths=state_out.lengths + live_R,
+        finish_reason=jnp.where(stopped_R, FINISH_STOP, state_out.finish_reason))
+    return token_R, done_R | stopped_R, out
+
+  empty = SampleOutput(tokens=jnp.full((R, M), pad_id, jnp.int32), lengths=jnp.zeros((R,), jnp.int32),
+                       finish_reason=jnp.full((R,), FINISH_LENGTH, jnp.int32),
+                       sampler_logprobs=jnp.zeros((R, M), jnp.float32),
+                       model_logprobs=jnp.zeros((R, M), jnp.float32))
+  token_R, done_R, out = emit(empty, 0, logits_RxV, jnp.zeros((R,), bool), jax.random.fold_in(rng, 0))
+
+  def cond(state: _LoopState):
+    return (state.step < M - 1) & ~jnp.all(state.done_R)
+
+  def body(state: _LoopState):
+    step = state.step + 1
+    pos_Rx1 = (next_pos_R + step - 1)[:, None]
+    hidden_Rx1xD, cache = model.apply(variables, state.token_R[:, None], pos_Rx1,
+                                      jnp.ones((R, 1), bool), cache=state.cache, return_hidden=True)
+    logits_RxV = model.apply(variables, hidden_Rx1xD, method="logits")[:, 0]
+    token_R, done_R, out = emit(state.out, step, logits_RxV, state.done_R, jax.random.fold_in(rng, step))
+    return _LoopState(step=step, token_R=token_R, done_R=done_R, cache=cache, out=out)
+
+  state = _LoopState(step=jnp.zeros((), jnp.int32), token_R=token_R, done_R=done_R, cache=cache, out=out)
+  return jax.lax.while_loop(cond, body, state).out
+
+
+# ------------------------------------------------------------------------------------- host API
+
+DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@flax.struct.dataclass
+class Completions:
+  """Host-side results, indexed [prompt][sample]: ``tokens`` lists of ids (stop token included),
+  ``texts`` (None without a tokenizer), ``finish_reasons`` ("stop" / "length"), and numpy arrays of
+  per-token ``model_logprobs`` and ``sampler_logprobs`` aligned with ``tokens``."""
+
+  tokens: list
+  texts: list | None
+  finish_reasons: list
+  model_logprobs: list
+  sampler_logprobs: list
+
+
+class Sampler:
+  """Strings or token ids in, completions out; every call reuses a handful of compiled programs.
+
+  Prompts are processed in groups of ``batch_size`` (the last group padded), each left-padded to the
+  smallest of ``prompt_buckets`` that fits, so only (bucket, num_samples) pairs ever compile; the
+  sampling parameters never do.
+  """
+
+  def __init__(self, model, params, tokenizer=None, *, max_new_tokens: int, batch_size: int = 8,
+               stop_ids: tuple[int, ...] | None = None, pad_id: int | None = None,
+               prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS):
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be >= 1")
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+    if stop_ids is None:
+      stop_ids = tuple(tokenizer.stop_ids) if tokenizer is not None else ()
+    self.stop_ids = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
+    self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
+    self.prompt_buckets = tuple(sorted(prompt_buckets))
+    self.vocab_limit = None if tokenizer is None else jnp.int32(tokenizer.vocab_size)
+
+  def _encode(self, prompts) -> list[list[int]]:
+    if prompts and isinstance(prompts[0], str):
+      if self.tokenizer is None:
+        raise ValueError("prompts are strings but the Sampler has no tokenizer; pass token ids")
+      return self.tokenizer.encode_batch(list(prompts), add_bos=True)
+    return [list(map(int, p)) for p in prompts]
+
+  def _bucket(self, length: int) -> int:
+    for bucket in self.prompt_buckets:
+      if bucket >= length:
+        return bucket
+    raise ValueError(f"prompt length={length} exceeds the largest prompt bucket "
+                     f"{self.prompt_buckets[-1]}; pass longer prompt_buckets")
+
+  def __call__(self, prompts, num_samples: int = 1, *, rng: jax.Array | int = 0,
+               temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0) -> Completions:
+    """Samples ``num_samples`` completions per prompt.
+
+    ``temperature``, ``top_k`` and ``top_p`` are scalars or one value per prompt.
+    """
+    ids = self._encode(prompts)
+    if not ids or any(len(p) == 0 for p in ids):
+      raise ValueError("every prompt needs at least one token")
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    per_prompt = {name: np.broadcast_to(np.asarray(v), (len(ids),))
+                  for name, v in dict(temperature=temperature, top_k=top_k, top_p=top_p).items()}
+    results = []
+    for group, start in enumerate(range(0, len(ids), self.batch_size)):
+      chunk = ids[start:start + self.batch_size]
+      real = len(chunk)
+      chunk = chunk + [chunk[0]] * (self.batch_size - real)
+      P = self._bucket(max(len(p) for p in chunk))
+      prompt = np.full((self.batch_size, P), self.pad_id, np.int32)
+      mask = np.zeros((self.batch_size, P), bool)
+      for row, p in enumerate(chunk):
+        prompt[row, P - len(p):], mask[row, P - len(p):] = p, True
+      rows = lambda a: np.repeat(np.concatenate([a[start:start + real],
+                                                 np.repeat(a[start:start + 1], self.batch_size - real)]),
+                                 num_samples)
+      sampling = SamplingParams.make(self.batch_size * num_samples, rows(per_prompt["temperature"]),
+                                     rows(per_prompt["top_k"]), rows(per_prompt["top_p"]))
+      out = generate(self.model, self.params, prompt, mask, jax.random.fold_in(key, group), sampling,
+                     self.stop_ids, max_new_tokens=self.max_new_tokens, num_samples=num_samples,
+                     pad_id=self.pad_id, vocab_limit=self.vocab_limit)
+      results.append((real, jax.device_get(out)))
+    return self._to_host(results, num_samples)
+
+  def _to_host(self, results, num_samples: int) -> Completions:
+    tokens, reasons, model_lp, sampler_lp = [], [], [], []
+    for real, out in results:
+      for b in range(real):
+        rows = range(b * num_samples, (b + 1) * num_samples)
+        tokens.append([out.tokens[r, :out.lengths[r]].tolist() for r in rows])
+        reasons.append(["stop" if out.finish_reason[r] == FINISH_STOP else "length" for r in rows])
+        model_lp.append([out.model_logprobs[r, :out.lengths[r]] for r in rows])
+        sampler_lp.append([out.sampler_logprobs[r, :out.lengths[r]] for r in rows])
+    texts = None
+    if self.tokenizer is not None:
+      texts = [[self.tokenizer.decode(t, skip_special=True) for t in per_prompt] for per_prompt in tokens]
+    return Completions(tokens=tokens, texts=texts, finish_reasons=reasons, model_logprobs=model_lp,
+                       sampler_logprobs=sampler_lp)
