@@ -139,9 +139,9 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
   mesh, rules = model.mesh, model.rules
   variables = {"params": params}
 
-  positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0).astype(jnp.int32)
   cache = init_cache(model.config, B, P + M, mesh=mesh, rules=rules)
-  hidden_BxPxD, cache = model.apply(variables, prompt_BxP, positions_BxP, prompt_mask_BxP,
+  # Positions default to counting the real tokens of the mask, i.e. 0 at each prompt's first token.
+  hidden_BxPxD, cache = model.apply(variables, prompt_BxP, None, prompt_mask_BxP,
                                     cache=cache, return_hidden=True)
   # Only the last position's logits are needed: never project the whole prompt onto the vocab.
   logits_BxV = model.apply(variables, hidden_BxPxD[:, -1:], method="logits")[:, 0]

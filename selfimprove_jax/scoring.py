@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.models.transformer import Transformer
+from selfimprove_jax.models.transformer import Transformer, positions_from_mask
 
 
 @flax.struct.dataclass
@@ -92,11 +92,6 @@ def token_self_certainty(logits_xV: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ batch convention
-
-def positions_from_mask(input_mask_BxL: jax.Array) -> jax.Array:
-  """int32 positions counting real tokens from 0; padding gets a clipped, unused value."""
-  return jnp.maximum(jnp.cumsum(input_mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
-
 
 def scored_mask(input_mask_BxL: jax.Array, loss_mask_BxL: jax.Array) -> jax.Array:
   """bool (B, L): positions whose token is scored (loss_mask & input_mask, never index 0)."""

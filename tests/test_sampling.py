@@ -8,7 +8,7 @@ import pytest
 
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models import TINY, Transformer, init_params, tiny_config
-from selfimprove_jax.models.transformer import KVCache
+from selfimprove_jax.models.transformer import KVCache, positions_from_mask
 from selfimprove_jax.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, generate,
                                       sample_tokens, truncate_logits)
 from selfimprove_jax.scoring import completion_batch, score
@@ -32,6 +32,8 @@ class CountingStub(nn.Module):
 
   def __call__(self, tokens, positions, input_mask, cache, return_hidden=True):
     B, T = tokens.shape
+    if positions is None:
+      positions = positions_from_mask(input_mask)
     if T > 1:
       jax.debug.callback(lambda b: PREFILLS.append(int(b)), jnp.int32(B))
     pos = jax.lax.dynamic_update_slice(cache.pos, jnp.where(input_mask, positions, -1), (0, cache.index))

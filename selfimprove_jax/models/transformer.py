@@ -31,6 +31,11 @@ CACHE_KV_AXES = (sh.LAYERS, sh.BATCH, sh.CACHE_LENGTH, sh.KV_HEADS, sh.HEAD_DIM)
 CACHE_POS_AXES = (sh.BATCH, sh.CACHE_LENGTH)
 
 
+def positions_from_mask(input_mask_BxT: jax.Array) -> jax.Array:
+  """int32 positions counting the real tokens of each row from 0; padding repeats a neighbour's."""
+  return jnp.maximum(jnp.cumsum(input_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
 @flax.struct.dataclass
 class KVCache:
   """Keys/values of every layer. k, v: (L, B, S, K, F); pos: (B, S) int32; index: () int32."""
@@ -114,7 +119,7 @@ class Transformer(nn.Module):
     if input_mask_BxT is None:
       input_mask_BxT = jnp.ones((B, T), bool)
     if positions_BxT is None:
-      positions_BxT = jnp.maximum(jnp.cumsum(input_mask_BxT, axis=1) - 1, 0).astype(jnp.int32)
+      positions_BxT = positions_from_mask(input_mask_BxT)
     new_pos_BxT = jnp.where(input_mask_BxT, positions_BxT, -1).astype(jnp.int32)
 
     is_local = np.asarray(cfg.layer_is_local)
