@@ -66,6 +66,11 @@ class SampleOutput:
   model_logprobs: jax.Array
 
 
+def _cumsum(x_RxV: jax.Array) -> jax.Array:
+  # A parallel prefix sum: XLA:CPU lowers jnp.cumsum to a reduce-window about 4x slower at V = 8k.
+  return jax.lax.associative_scan(jnp.add, x_RxV, axis=-1)
+
+
 def truncate_logits(logits_RxV: jax.Array, top_k_R: jax.Array, top_p_R: jax.Array) -> jax.Array:
   """Masks (to -inf) logits outside each row's top-k, then outside its top-p nucleus.
 
@@ -77,11 +82,20 @@ def truncate_logits(logits_RxV: jax.Array, top_k_R: jax.Array, top_p_R: jax.Arra
   ranks_V = jnp.arange(V)
   in_k_RxV = ranks_V[None, :] < k_R[:, None]
   probs_RxV = jax.nn.softmax(jnp.where(in_k_RxV, sorted_RxV, -jnp.inf), axis=-1)
-  mass_before_RxV = jnp.cumsum(probs_RxV, axis=-1) - probs_RxV
+  mass_before_RxV = _cumsum(probs_RxV) - probs_RxV
   keep_RxV = in_k_RxV & (mass_before_RxV < top_p_R[:, None])
   num_kept_R = jnp.sum(keep_RxV, axis=-1)
   threshold_R = jnp.take_along_axis(sorted_RxV, (num_kept_R - 1)[:, None], axis=-1)
   return jnp.where(logits_RxV >= threshold_R, logits_RxV, -jnp.inf)
+
+
+def _inverse_cdf_sample(logits_RxV: jax.Array, key: jax.Array) -> jax.Array:
+  """Exact categorical draws from one uniform per row (the Gumbel trick needs one per token,
+  which dominates a decode step on CPU). Masked (-inf) tokens have zero width and are never hit."""
+  cdf_RxV = _cumsum(jax.nn.softmax(logits_RxV, axis=-1))
+  # 1 - U lies in (0, 1]: a draw is never 0, so a zero-width token at index 0 cannot be chosen.
+  u_Rx1 = (1.0 - jax.random.uniform(key, (logits_RxV.shape[0], 1))) * cdf_RxV[:, -1:]
+  return jnp.minimum(jnp.sum(cdf_RxV < u_Rx1, axis=-1), logits_RxV.shape[-1] - 1)
 
 
 def sample_tokens(logits_RxV: jax.Array, params: SamplingParams, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -91,7 +105,7 @@ def sample_tokens(logits_RxV: jax.Array, params: SamplingParams, key: jax.Array)
   needs_truncation = jnp.any((params.top_k > 0) | (params.top_p < 1))
   scaled_RxV = jax.lax.cond(needs_truncation, truncate_logits, lambda x, *_: x, scaled_RxV,
                             params.top_k, params.top_p)
-  drawn_R = jax.random.categorical(key, scaled_RxV, axis=-1)
+  drawn_R = _inverse_cdf_sample(scaled_RxV, key)
   tokens_R = jnp.where(greedy_R, jnp.argmax(logits_RxV, axis=-1), drawn_R).astype(jnp.int32)
   logp_R = jnp.where(greedy_R, 0.0, token_logprobs(scaled_RxV, tokens_R))
   return tokens_R, logp_R

@@ -110,7 +110,7 @@ def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh):
   step = jax.jit(lambda p, t, pos, msk, c: model.apply({"params": p}, t, pos, msk, cache=c))
   cache = init_cache(cfg, len(tokens), T + 4, mesh=m)
   P = jax.sharding.PartitionSpec
-  kv_spec = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor"))
+  kv_spec = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), "tensor", None, None))
   if use_mesh:
     assert cache.k.sharding.is_equivalent_to(kv_spec, 5)
     assert cache.pos.sharding.spec == P(("data", "fsdp"), None)

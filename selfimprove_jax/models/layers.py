@@ -132,7 +132,7 @@ class Attention(nn.Module):
     dtype) for the caller to write once for all layers, so a decode step never copies the cache.
 
     Returns:
-      (out_BxTxD, (k_BxTxKxF, v_BxTxKxF) or None without a cache).
+      (out_BxTxD, (k_BxKxTxF, v_BxKxTxF) in the cache's layout, or None without a cache).
     """
     cfg = self.config
     D, H, K, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -165,9 +165,11 @@ class Attention(nn.Module):
     if past_kv is None:
       logits, mask, S = logits_BxKxGxTxT, mask_new_BxTxT, 0
     else:
+      # Cached keys/values are (B, K, S, F): each (b, k) block is contiguous, so the dots read the
+      # cache in place instead of transposing it every step.
       past_k, past_v = past_kv
-      S = past_k.shape[1]
-      logits_BxKxGxTxS = jnp.einsum("btkgf,bskf->bkgts", q_BxTxKxGxF, past_k.astype(dtype))
+      S = past_k.shape[2]
+      logits_BxKxGxTxS = jnp.einsum("btkgf,bksf->bkgts", q_BxTxKxGxF, past_k.astype(dtype))
       logits = jnp.concatenate([logits_BxKxGxTxS, logits_BxKxGxTxT], axis=-1)
       mask = jnp.concatenate([mask_past_BxTxS, mask_new_BxTxT], axis=-1)
     logits = logits.astype(jnp.float32)
@@ -178,12 +180,13 @@ class Attention(nn.Module):
     probs = jnp.where(mask, probs, 0.0).astype(dtype)
     out_BxTxKxGxF = jnp.einsum("bkgts,bskf->btkgf", probs[..., S:], v_BxTxKxF)
     if past_kv is not None:
-      out_BxTxKxGxF += jnp.einsum("bkgts,bskf->btkgf", probs[..., :S], past_v.astype(dtype))
+      out_BxTxKxGxF += jnp.einsum("bkgts,bksf->btkgf", probs[..., :S], past_v.astype(dtype))
     out_BxTxHxF = out_BxTxKxGxF.reshape(B, T, H, F)
     out_BxTxD = jnp.einsum("bthf,hfd->btd", out_BxTxHxF, w_o.astype(dtype))
     if past_kv is None:
       return out_BxTxD, None
-    return out_BxTxD, (k_BxTxKxF.astype(past_k.dtype), v_BxTxKxF.astype(past_v.dtype))
+    to_cache = lambda x_BxTxKxF, like: jnp.swapaxes(x_BxTxKxF, 1, 2).astype(like.dtype)
+    return out_BxTxD, (to_cache(k_BxTxKxF, past_k), to_cache(v_BxTxKxF, past_v))
 
 
 class GatedMLP(nn.Module):

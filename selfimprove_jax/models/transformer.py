@@ -7,7 +7,8 @@ Two call modes share one code path:
     one update for all layers (layers only read the cache, so a decode step never copies it). A
     prefill is just a decode call with the whole (padded) prompt.
 
-Cache layout: k/v are (layers, B, S, K, F) so the layer scan slices axis 0; ``pos`` (B, S) holds each
+Cache layout: k/v are (layers, B, K, S, F): the layer scan slices axis 0 and each (b, k) block of
+(S, F) is contiguous for the attention dots; ``pos`` (B, S) holds each
 slot's token position, -1 for padding and empty slots, which is all the mask needs. Slots are shared
 across the batch (one scalar write index), positions are per row, so left- or right-padded prompts
 and N samples forked from one prefill all decode with the same program.
@@ -27,7 +28,7 @@ from selfimprove_jax import sharding as sh
 from selfimprove_jax.models.config import RopeScaling, TransformerConfig
 from selfimprove_jax.models.layers import NO_WINDOW, Block, RMSNorm, _param, attention_mask, rope_sin_cos
 
-CACHE_KV_AXES = (sh.LAYERS, sh.BATCH, sh.CACHE_LENGTH, sh.KV_HEADS, sh.HEAD_DIM)
+CACHE_KV_AXES = (sh.LAYERS, sh.BATCH, sh.KV_HEADS, sh.CACHE_LENGTH, sh.HEAD_DIM)
 CACHE_POS_AXES = (sh.BATCH, sh.CACHE_LENGTH)
 
 
@@ -38,7 +39,7 @@ def positions_from_mask(input_mask_BxT: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys/values of every layer. k, v: (L, B, S, K, F); pos: (B, S) int32; index: () int32."""
+  """Keys/values of every layer. k, v: (L, B, K, S, F); pos: (B, S) int32; index: () int32."""
 
   k: jax.Array
   v: jax.Array
@@ -54,7 +55,7 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any =
                mesh: Mesh | None = None, rules: sh.Rules = sh.SAMPLE_RULES) -> KVCache:
   """An empty cache, created directly in its sharded layout when a mesh is given."""
   dtype = jnp.dtype(dtype or config.dtype)
-  kv_shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  kv_shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
 
   def make():
     return KVCache(k=jnp.zeros(kv_shape, dtype), v=jnp.zeros(kv_shape, dtype),
@@ -150,7 +151,7 @@ class Transformer(nn.Module):
     new_cache = None
     if cache is not None:
       # One write of the new tokens' keys/values for all layers (in place inside a decode loop).
-      at = (0, 0, cache.index, 0, 0)
+      at = (0, 0, 0, cache.index, 0)
       new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, layer_out["k"], at),
                           v=jax.lax.dynamic_update_slice(cache.v, layer_out["v"], at),
                           pos=jax.lax.dynamic_update_slice(cache.pos, new_pos_BxT, (0, cache.index)),
