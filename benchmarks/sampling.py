@@ -10,7 +10,7 @@ temperature 1, top-p 1 (no truncation).
 
   ours   ``selfimprove_jax.sampling.generate``: B=8 prompts in, one prefill per prompt, 64 rows out.
   tunix  Tunix 0.1.7 ``Sampler`` over its own ``Llama3`` (flax.nnx), the 8 prompts repeated 8 times
-         (64 rows), in a virtualenv created on demand under ``$BENCH_ENVS`` (default /work/bench_envs)
+         (64 rows), in a virtualenv created on demand under ``$BENCH_ENVS`` (default ~/.cache/selfimprove_jax/bench_envs)
          with the same jax/jaxlib/flax versions as ours.
   hf     transformers ``LlamaForCausalLM.generate`` on PyTorch CPU, fp32, ``num_return_sequences=8``.
 
@@ -47,7 +47,7 @@ SWEEP_PROMPTS, SWEEP_TOKENS = 1, 16  # the sweep's workload: 1 prompt x N sample
 CONTENDED = 0.25  # cores kept busy by other processes during a measurement above which it is redone
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TUNIX_VERSION = "0.1.7"
-BENCH_ENVS = os.environ.get("BENCH_ENVS", "/work/bench_envs")
+BENCH_ENVS = os.environ.get("BENCH_ENVS", os.path.expanduser("~/.cache/selfimprove_jax/bench_envs"))
 
 
 def param_count(s: dict) -> int:
