@@ -50,6 +50,13 @@ TUNIX_VERSION = "0.1.7"
 BENCH_ENVS = os.environ.get("BENCH_ENVS", os.path.expanduser("~/.cache/selfimprove_jax/bench_envs"))
 
 
+
+def _timed(call, seed: int) -> float:
+  """Wall seconds of one blocking call at temperature 1, top-p 1."""
+  t0 = time.perf_counter()
+  call(seed, 1.0, 1.0)
+  return time.perf_counter() - t0
+
 def param_count(s: dict) -> int:
   per_layer = (s["d"] * s["heads"] * s["head_dim"] * 2 + s["d"] * s["kv_heads"] * s["head_dim"] * 2
                + 3 * s["d"] * s["mlp"] + 2 * s["d"])
@@ -78,15 +85,9 @@ def _timed_calls(call, reps: int, log, sweep: bool = True) -> dict:
   """Warm-up call, `reps` timed calls, then the sweep: its own warm-up call on a smaller workload
   (SWEEP_PROMPTS prompts, SWEEP_TOKENS new tokens: whether a new temperature or top-p compiles does not
   depend on the sizes, and the sweep stays cheap) and 15 counted calls."""
-  t0 = time.perf_counter()
-  call(0, 1.0, 1.0)
-  first_s = time.perf_counter() - t0
+  first_s = _timed(call, 0)
   startup_compiles = len(log)  # model init and the first call
-  times = []
-  for i in range(reps):
-    t0 = time.perf_counter()
-    call(1 + i, 1.0, 1.0)
-    times.append(time.perf_counter() - t0)
+  times = [_timed(call, 1 + i) for i in range(reps)]
   steady = statistics.median(times)
   grid = [(t, p) for t in TEMPERATURES for p in TOP_PS] if sweep else []
   if sweep:
@@ -236,14 +237,8 @@ def worker_hf(s: dict, reps: int, sweep: bool) -> dict:
       raise RuntimeError(f"hf produced {tuple(out.shape)}")
     return out
 
-  t0 = time.perf_counter()
-  call(0, 1.0, 1.0)
-  first_s = time.perf_counter() - t0
-  times = []
-  for i in range(reps):
-    t0 = time.perf_counter()
-    call(1 + i, 1.0, 1.0)
-    times.append(time.perf_counter() - t0)
+  first_s = _timed(call, 0)
+  times = [_timed(call, 1 + i) for i in range(reps)]
   steady = statistics.median(times)
   # Eager PyTorch compiles nothing: compile_s and sweep_compiles are None by definition.
   return dict(first_call_s=first_s, steady_s=steady, times_s=times, tok_s=R * M / steady,
