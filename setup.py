@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.8.0,<0.9",
         "tokenizers>=0.23.3,<0.24",
         "numpy>=2.0",
+        "matplotlib>=3.8",  # analysis/plots.py (Agg canvas only)
         "tqdm>=4.66",
         "sympy>=1.12,<2",  # MATH answer equivalence (verifiers/sympy_check.py)
         "etils[epath]>=1.7",  # local and gs:// paths alike (checkpoint/files.py)
