@@ -1,6 +1,12 @@
 """Command-line entry point. Thin on purpose: every step is a library call a notebook can make too.
 
-  python -m selfimprove_jax.main --config=configs/smoke.py [--config.key=value ...]
+  python -m selfimprove_jax.main --config=configs/sft_sharpening.py --workdir=DIR [--config.a.b=v ...]
+  python -m selfimprove_jax.main --config=configs/star.py:smoke --workdir=DIR --stop_after=sample
+  python -m selfimprove_jax.main --config=configs/smoke.py      # model smoke check, no workdir
+
+A loop config (one with a ``loop`` section) runs ``loop.Loop``: rerunning the same command resumes
+where the previous run stopped. ``--stop_after`` ends after the next pending stage of that name
+(sample, score, select, train, eval), for partial reruns and research scripts that take over.
 """
 from __future__ import annotations
 
@@ -10,16 +16,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from selfimprove_jax import loop
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models import Transformer, count_params, get_preset, init_params
 from selfimprove_jax.sampling import Sampler
 from selfimprove_jax.tokenizer import render_chat, train_sentencepiece
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file "
+                                          "(PATH or PATH:variant).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://) for a loop config.")
+_STOP_AFTER = flags.DEFINE_enum("stop_after", None, list(loop.OFFLINE_STAGES),
+                                "Stop after the next pending stage of this name.")
 
 _TOKENIZER_TEXT = [
     "What is 12 + 30? The answer is 42.", "Self-improvement: generate, verify, distill.",
@@ -67,8 +77,17 @@ def smoke(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def main(argv):
-  del argv
-  summary = smoke(_CONFIG.value)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO
+  config = _CONFIG.value
+  if "loop" in config:
+    if not _WORKDIR.value:
+      raise app.UsageError("--workdir is required for a loop config")
+    loop.run(config, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+    return
+  summary = smoke(config)
   if summary["agreement"] < 1.0:
     raise SystemExit("cached decoding disagreed with the full forward pass")
 

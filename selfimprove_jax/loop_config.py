@@ -1,0 +1,280 @@
+"""Every key a loop config may set, with its default, and the checks that run before any work.
+
+Method configs in ``configs/`` start from ``base_config()`` and override a few keys; the config is
+locked, so a mistyped ``--config.x.y=v`` fails naming the key. ``model``, ``task`` and ``mesh`` are
+independent sections: any method runs on any model and task.
+
+Sections:
+  model       where the base model comes from (the synthetic CPU model, an HF or native
+              checkpoint, or a random preset) and its dtype.
+  task        the benchmark, how many train / held-out prompts, the prompt format.
+  mesh        device mesh sizes (``sharding.make_mesh``).
+  loop        rounds, prompts per round, offline (sample → score → select → train) or online RL,
+              restart from base or continue.
+  sample      N samples per prompt, from the current or the base model, temperature schedule,
+              STaR rationalization.
+  score       the reward used for selection or RL: self-rewards, verifier, majority, judge.
+  select      how the training set is built from the scored samples.
+  train       loss and its options, optimizer, LoRA.
+  eval        held-out evaluation after every round (greedy, T=1, best-of-k).
+  checkpoint  how often the train state is saved inside a round, and checksum verification.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+MODEL_SOURCES = ("synthetic", "hf", "native", "preset")
+MODES = ("offline", "online")
+SAMPLE_MODELS = ("current", "base", "both")
+REWARDS = ("logprob", "mean_logprob", "self_certainty", "correct", "majority", "judge")
+REWARD_MODELS = ("base", "current")
+JUDGES = ("yes_no", "rubric")
+SELECTIONS = ("top1", "topk", "threshold", "all_correct", "best_worst", "base_pairs", "xpo_pairs",
+              "balance")
+DEDUPS = ("none", "exact", "answer")
+LOSS_OPTIONS = ("aggregation", "chunk_size", "beta", "label_smoothing", "reference", "alpha",
+                "epsilon", "epsilon_high", "old_logprobs", "max_completion_length",
+                "entropy_coef", "mask_truncated")
+OFFLINE_LOSSES = ("sft", "dpo", "sharpen", "xpo")
+PAIR_LOSSES = ("dpo", "sharpen", "xpo")
+PAIR_SELECTIONS = ("best_worst", "base_pairs", "xpo_pairs")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full key set with defaults (an SFT-sharpening run on the synthetic task)."""
+  c = ml_collections.ConfigDict()
+  c.method = "sft_sharpening"  # a label for metrics and reports
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      source="synthetic",  # one of MODEL_SOURCES
+      preset="",  # source=preset: a name for models.get_preset (random weights)
+      checkpoint="",  # source=hf | native: a directory, local or gs://
+      tokenizer="",  # source=preset: a tokenizer file or directory
+      dtype="float32",  # parameter and activation dtype: float32 | bfloat16
+      # source=synthetic: the model of synthetic_regime, pretrained here (cached in the workdir).
+      synthetic=ml_collections.ConfigDict(dict(
+          embed_dim=128, num_layers=4, num_heads=4, head_dim=32, mlp_dim=512,
+          pretrain_steps=400, pretrain_batch_size=128, pretrain_learning_rate=2e-3,
+          corruption_rate=0.4, corruption="random", min_digits=3, max_digits=4,
+          num_operands=2)),
+  ))
+
+  c.task = ml_collections.ConfigDict(dict(
+      name="synthetic_addition",  # data.get_task name
+      path="",  # data file(s) for file-based tasks (jsonl, math, prontoqa, mmlu, mbpp); gsm8k: "" = TFDS
+      split="test",  # gsm8k split
+      data_dir="",  # TFDS data_dir for gsm8k ("" = TFDS default)
+      num_train=256,  # prompts the loop draws from (the first ones of the loaded split)
+      num_eval=64,  # held-out prompts, disjoint from the training prompts
+      shots=0,  # exemplars in the prompt
+      chat=False,  # render prompts with the model family's chat template
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.loop = ml_collections.ConfigDict(dict(
+      num_rounds=2,
+      mode="offline",  # offline: sample → score → select → train; online: RL steps
+      prompts_per_round=64,  # offline: prompts sampled per round; online: prompts per RL step
+      restart_from_base=False,  # STaR / ReST-EM: every round trains from the base model
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      model="current",  # which model samples: current | base | both (XPO: one of each)
+      num_samples=8,  # N per prompt (per model with "both")
+      temperature=1.0,
+      temperatures=(),  # optional per-round schedule (the last entry repeats); overrides temperature
+      top_k=0,
+      top_p=1.0,
+      max_new_tokens=48,
+      batch_size=16,  # prompts per generate call
+      rationalize=False,  # STaR: resample failed prompts with the answer as a hint
+      hint_template="",  # str.format template over the example's fields, e.g. "{question} ({answer})"
+  ))
+
+  c.score = ml_collections.ConfigDict(dict(
+      reward="logprob",  # one of REWARDS
+      reward_model="base",  # self-rewards and the judge use the base or the current model
+      batch_size=32,  # sequences per scoring call
+      judge=ml_collections.ConfigDict(dict(
+          kind="rubric",  # yes_no | rubric
+          template="",  # "" = the default template of verifiers.judge
+          labels=(),  # () = defaults; yes_no: (yes, no); rubric: score labels, value = float(label)
+      )),
+  ))
+
+  c.select = ml_collections.ConfigDict(dict(
+      kind="top1",  # one of SELECTIONS
+      k=0,  # topk: how many; all_correct: at most k per prompt (0 = no cap)
+      threshold=float("-inf"),  # threshold: keep reward >= threshold
+      require_correct=False,  # threshold / balance: also require the gold verdict
+      dedup="none",  # none | exact (identical text) | answer (same extracted answer)
+      min_margin=0.0,  # best_worst: skip prompts whose best and worst rewards differ by less
+      # B-STaR: each round samples at every temperature and keeps the (temperature, threshold)
+      # with the best mean balance score min(n'/n_star, 1) * n'/n.
+      temperatures=(0.5, 1.0),
+      thresholds=(float("-inf"),),
+      n_star=4,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      loss="sft",  # training.make_loss name
+      loss_options=ml_collections.ConfigDict(
+          {name: config_dict.placeholder(object) for name in LOSS_OPTIONS}),
+      epochs=1,  # offline: passes over the round's training set
+      steps=8,  # online: RL steps per round
+      batch_size=16,  # sequences (SFT, RL) or pairs per step
+      max_len=0,  # padded sequence length; 0 = prompt bucket + sample.max_new_tokens
+      optimizer=ml_collections.ConfigDict(dict(
+          learning_rate=1e-4, schedule="constant", warmup_steps=0, max_grad_norm=1.0)),
+      num_microbatches=1,
+      remat="",  # "" or a training.remat policy name
+      compute_dtype="",  # "" keeps the param dtype
+      lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="attention")),  # rank 0: full
+      advantage=ml_collections.ConfigDict(dict(estimator="grpo", scale="group")),  # online RL
+      reference="base",  # DPO/KL reference: base | round_start (the model the round starts from)
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=8,  # T=1 samples per held-out prompt (pass@1, best-of-k)
+      temperature=1.0,
+      bon_k=(1, 2, 4, 8),
+      max_new_tokens=0,  # 0 = sample.max_new_tokens
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, verify=True))
+  return c
+
+
+def _check(key: str, value: Any, ok: bool, why: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks values and combinations; raises ValueError naming the key and the bad value."""
+  _check("model.source", c.model.source, c.model.source in MODEL_SOURCES,
+         f"must be one of {MODEL_SOURCES}")
+  _check("model.dtype", c.model.dtype, c.model.dtype in ("float32", "bfloat16"),
+         "must be 'float32' or 'bfloat16'")
+  if c.model.source in ("hf", "native"):
+    _check("model.checkpoint", c.model.checkpoint, bool(c.model.checkpoint),
+           f"model.source={c.model.source!r} needs a checkpoint directory")
+  if c.model.source == "preset":
+    _check("model.preset", c.model.preset, bool(c.model.preset), "model.source='preset' needs one")
+    _check("model.tokenizer", c.model.tokenizer, bool(c.model.tokenizer),
+           "model.source='preset' needs a tokenizer path")
+  _check("task.num_train", c.task.num_train, c.task.num_train >= 1, "must be >= 1")
+  _check("task.num_eval", c.task.num_eval, c.task.num_eval >= 0, "must be >= 0")
+  _check("loop.num_rounds", c.loop.num_rounds, c.loop.num_rounds >= 0, "must be >= 0")
+  _check("loop.mode", c.loop.mode, c.loop.mode in MODES, f"must be one of {MODES}")
+  _check("loop.prompts_per_round", c.loop.prompts_per_round, c.loop.prompts_per_round >= 1,
+         "must be >= 1")
+  _check("sample.model", c.sample.model, c.sample.model in SAMPLE_MODELS,
+         f"must be one of {SAMPLE_MODELS}")
+  _check("sample.num_samples", c.sample.num_samples, c.sample.num_samples >= 1, "must be >= 1")
+  for t in (c.sample.temperature, *c.sample.temperatures, *c.select.temperatures):
+    _check("sample.temperature", t, t >= 0, "temperatures must be >= 0")
+  _check("sample.max_new_tokens", c.sample.max_new_tokens, c.sample.max_new_tokens >= 1,
+         "must be >= 1")
+  if c.sample.rationalize:
+    _check("sample.hint_template", c.sample.hint_template, bool(c.sample.hint_template),
+           "sample.rationalize needs a hint template, e.g. '{question} ({answer})'")
+  _check("score.reward", c.score.reward, c.score.reward in REWARDS, f"must be one of {REWARDS}")
+  _check("score.reward_model", c.score.reward_model, c.score.reward_model in REWARD_MODELS,
+         f"must be one of {REWARD_MODELS}")
+  _check("score.judge.kind", c.score.judge.kind, c.score.judge.kind in JUDGES,
+         f"must be one of {JUDGES}")
+  _check("select.kind", c.select.kind, c.select.kind in SELECTIONS, f"must be one of {SELECTIONS}")
+  _check("select.dedup", c.select.dedup, c.select.dedup in DEDUPS, f"must be one of {DEDUPS}")
+  _check("select.k", c.select.k, c.select.k >= 0, "must be >= 0")
+  if c.select.kind == "topk":
+    _check("select.k", c.select.k, c.select.k >= 1, "select.kind='topk' needs k >= 1")
+  if c.select.kind == "balance":
+    _check("select.temperatures", c.select.temperatures, len(c.select.temperatures) >= 1,
+           "select.kind='balance' needs candidate temperatures")
+    _check("select.thresholds", c.select.thresholds, len(c.select.thresholds) >= 1,
+           "select.kind='balance' needs candidate thresholds")
+    _check("select.n_star", c.select.n_star, c.select.n_star >= 1, "must be >= 1")
+  if c.select.kind == "base_pairs":
+    _check("sample.model", c.sample.model, c.sample.model == "base",
+           "select.kind='base_pairs' pairs base samples: set sample.model='base'")
+    _check("sample.num_samples", c.sample.num_samples, c.sample.num_samples % 2 == 0,
+           "select.kind='base_pairs' needs an even number of samples per prompt")
+  if c.select.kind == "xpo_pairs":
+    _check("sample.model", c.sample.model, c.sample.model == "both",
+           "select.kind='xpo_pairs' pairs a current and a base sample: set sample.model='both'")
+  if c.loop.mode == "offline":
+    _check("train.loss", c.train.loss, c.train.loss in OFFLINE_LOSSES,
+           f"loop.mode='offline' trains with one of {OFFLINE_LOSSES}")
+    pairs = c.select.kind in PAIR_SELECTIONS
+    _check("select.kind", c.select.kind, pairs == (c.train.loss in PAIR_LOSSES),
+           f"train.loss={c.train.loss!r} needs "
+           f"{'a pair selection ' + str(PAIR_SELECTIONS) if not pairs else 'a single-sequence selection'}")
+  else:
+    _check("train.loss", c.train.loss, c.train.loss == "policy_gradient",
+           "loop.mode='online' trains with 'policy_gradient'")
+    _check("sample.num_samples", c.sample.num_samples, c.sample.num_samples >= 2,
+           "online RL needs >= 2 samples per prompt (a group)")
+    _check("sample.model", c.sample.model, c.sample.model == "current",
+           "online RL samples from the current model")
+  _check("train.epochs", c.train.epochs, c.train.epochs >= 1, "must be >= 1")
+  _check("train.steps", c.train.steps, c.train.steps >= 1, "must be >= 1")
+  _check("train.batch_size", c.train.batch_size, c.train.batch_size >= 1, "must be >= 1")
+  _check("train.lora.rank", c.train.lora.rank, c.train.lora.rank >= 0, "must be >= 0 (0 = full)")
+  _check("train.reference", c.train.reference, c.train.reference in ("base", "round_start"),
+         "must be 'base' or 'round_start'")
+  _check("eval.num_samples", c.eval.num_samples, c.eval.num_samples >= 1, "must be >= 1")
+  for k in c.eval.bon_k:
+    _check("eval.bon_k", tuple(c.eval.bon_k), 1 <= k <= c.eval.num_samples,
+           f"every k must be in [1, eval.num_samples={c.eval.num_samples}]")
+  _check("checkpoint.every_steps", c.checkpoint.every_steps, c.checkpoint.every_steps >= 1,
+         "must be >= 1")
+
+
+def loss_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The loss options that are set (placeholders left at None are the loss's own defaults)."""
+  return {k: v for k, v in c.train.loss_options.items() if v is not None}
+
+
+def temperature(c: ml_collections.ConfigDict, round_index: int) -> float:
+  """The sampling temperature of round ``round_index`` (1-based)."""
+  schedule = tuple(c.sample.temperatures)
+  if not schedule:
+    return float(c.sample.temperature)
+  return float(schedule[min(round_index, len(schedule)) - 1])
+
+
+VARIANTS = ("", "smoke")
+
+
+def finalize(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.ConfigDict:
+  """Applies ``variant`` ("" = as configured, "smoke" = CPU-sized) and locks the config."""
+  if variant not in VARIANTS:
+    raise ValueError(f"config variant {variant!r}: must be one of {VARIANTS} (e.g. "
+                     "--config=configs/star.py:smoke)")
+  if variant == "smoke":
+    shrink_to_smoke(c)
+  c.lock()
+  return c
+
+
+def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
+  """Sizes a config for a CPU test: a ~0.1M-parameter synthetic model pretrained for a few
+  seconds on one-digit sums, 2 rounds of 8 prompts, short completions."""
+  c.model.source = "synthetic"
+  c.model.synthetic.update(embed_dim=64, num_layers=2, num_heads=2, head_dim=32, mlp_dim=128,
+                           pretrain_steps=300, pretrain_batch_size=32, pretrain_learning_rate=3e-3,
+                           min_digits=1, max_digits=1)
+  c.task.update(name="synthetic_addition", num_train=32, num_eval=8, shots=0, chat=False)
+  c.loop.update(num_rounds=2, prompts_per_round=4)
+  c.sample.update(num_samples=min(c.sample.num_samples, 4), max_new_tokens=16, batch_size=4)
+  if c.select.kind == "balance":
+    c.select.temperatures = tuple(c.select.temperatures)[:2]
+  c.train.update(batch_size=8, steps=2, epochs=1)
+  c.eval.update(num_samples=4, bon_k=(1, 2, 4))
+  c.checkpoint.every_steps = 2
