@@ -12,9 +12,10 @@ from selfimprove_jax.loop_config import base_config, finalize
 def get_config(variant: str = ""):
   c = base_config()
   c.method = "sft_sharpening"
+  c.loop.prompts_per_round = 256
   c.sample.update(model="current", num_samples=8, temperature=1.0)
   c.score.update(reward="logprob", reward_model="base")
   c.select.kind = "top1"
-  c.train.update(loss="sft", epochs=2, batch_size=16)
+  c.train.update(loss="sft", epochs=2, batch_size=32)
   c.train.optimizer.learning_rate = 3e-4
   return finalize(c, variant)

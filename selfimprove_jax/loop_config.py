@@ -68,8 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       path="",  # data file(s) for file-based tasks (jsonl, math, prontoqa, mmlu, mbpp); gsm8k: "" = TFDS
       split="test",  # gsm8k split
       data_dir="",  # TFDS data_dir for gsm8k ("" = TFDS default)
-      num_train=256,  # prompts the loop draws from (the first ones of the loaded split)
-      num_eval=64,  # held-out prompts, disjoint from the training prompts
+      num_train=512,  # prompts the loop draws from (the first ones of the loaded split)
+      num_eval=128,  # held-out prompts, disjoint from the training prompts
       shots=0,  # exemplars in the prompt
       chat=False,  # render prompts with the model family's chat template
   ))
