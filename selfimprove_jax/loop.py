@@ -362,6 +362,13 @@ class Loop:
           self._summary(round_index)
         if stage == stop_after:
           break
+      else:
+        report_md = self.workdir / "report" / "report.md"
+        if self.config.loop.report and self.writer and (todo or not report_md.exists()):
+          from selfimprove_jax.analysis import report  # pylint: disable=g-import-not-at-top
+          path = report.write_report(self.workdir)
+          if self.bars:
+            tqdm.tqdm.write(f"report: {path}")
     finally:
       self.metrics.close()
     last = max((r for r, _ in self._evals()), default=0)

@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
       mode="offline",  # offline: sample → score → select → train; online: RL steps
       prompts_per_round=64,  # offline: prompts sampled per round; online: prompts per RL step
       restart_from_base=False,  # STaR / ReST-EM: every round trains from the base model
+      report=True,  # write WORKDIR/report/report.md (analysis.report) when the last round is done
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -271,7 +272,7 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
                            pretrain_steps=300, pretrain_batch_size=32, pretrain_learning_rate=3e-3,
                            min_digits=1, max_digits=1)
   c.task.update(name="synthetic_addition", num_train=32, num_eval=8, shots=0, chat=False)
-  c.loop.update(num_rounds=2, prompts_per_round=4)
+  c.loop.update(num_rounds=2, prompts_per_round=4, report=False)
   c.sample.update(num_samples=min(c.sample.num_samples, 4), max_new_tokens=16, batch_size=4)
   if c.select.kind == "balance":
     c.select.temperatures = tuple(c.select.temperatures)[:2]

@@ -144,9 +144,15 @@ def one_round_run(tmp_path_factory, smoke_base):
   """A finished 1-round sft_sharpening smoke run (read-only: copy before changing it)."""
   workdir = tmp_path_factory.mktemp("one_round") / "run"
   shutil.copytree(smoke_base, workdir / "base")
-  loop.run(method_config("sft_sharpening", **{"loop.num_rounds": 1}), workdir,
+  loop.run(method_config("sft_sharpening", **{"loop.num_rounds": 1, "loop.report": True}), workdir,
            progress_bars=False)
   return workdir
+
+
+def test_finished_run_writes_the_report(one_round_run):
+  report = one_round_run / "report" / "report.md"
+  assert report.read_text().startswith("# ")
+  assert list((one_round_run / "report").glob("*.png"))
 
 
 def _params_file(workdir: pathlib.Path) -> pathlib.Path:
@@ -167,7 +173,7 @@ def test_damaged_checkpoint_is_a_clear_error_and_changes_nothing(damage, tmp_pat
     data = data[:len(data) // 2]
   target.write_bytes(bytes(data))
   before = _snapshot(workdir)
-  more_rounds = method_config("sft_sharpening", **{"loop.num_rounds": 2})
+  more_rounds = method_config("sft_sharpening", **{"loop.num_rounds": 2, "loop.report": True})
   with pytest.raises(trees.CheckpointError, match="round_001/params.*" + (
       "CRC" if damage == "corrupt" else "truncated")):
     loop.run(more_rounds, workdir, progress_bars=False)
@@ -178,7 +184,7 @@ def test_workdir_of_another_config_is_refused(tmp_path, one_round_run):
   workdir = tmp_path / "run"
   shutil.copytree(one_round_run, workdir)
   before = _snapshot(workdir)
-  other = method_config("sft_sharpening", **{"loop.num_rounds": 1, "seed": 3,
+  other = method_config("sft_sharpening", **{"loop.num_rounds": 1, "loop.report": True, "seed": 3,
                                              "train.optimizer.learning_rate": 1e-3})
   with pytest.raises(loop.WorkdirError, match=r"seed: 0 -> 3.*learning_rate|learning_rate.*seed"):
     loop.run(other, workdir, progress_bars=False)
