@@ -341,11 +341,13 @@ class Loop:
       todo += [(r, s) for s in self.stages if not self.progress.done(r, s)]
     return todo
 
-  def run(self, stop_after: str | None = None) -> dict:
+  def run(self, stop_after: str | None = None, *, started: float | None = None) -> dict:
     """Runs the pending stages in order (stopping after the first ``stop_after`` stage run).
 
-    Returns the last round's eval metrics.
+    ``started`` (a ``time.time()``) is when the invocation began, for ``summary.json``'s
+    runtime (default: now). Returns the last round's eval metrics.
     """
+    started = time.time() if started is None else started
     if stop_after is not None and stop_after not in OFFLINE_STAGES:
       raise ValueError(f"stop_after={stop_after!r}: must be one of {OFFLINE_STAGES}")
     todo = self.pending()
@@ -363,6 +365,8 @@ class Loop:
         if stage == stop_after:
           break
       else:
+        if self.writer and self.progress.done(self.config.loop.num_rounds, "eval"):
+          self.write_summary(started)
         report_md = self.workdir / "report" / "report.md"
         if self.config.loop.report and self.writer and (todo or not report_md.exists()):
           from selfimprove_jax.analysis import report  # pylint: disable=g-import-not-at-top
@@ -976,6 +980,16 @@ class Loop:
     self.log(r, "eval", self.progress.global_step(r + 1), _flatten(result, ""))
     self._mark_done(r, "eval")
 
+  def write_summary(self, started: float) -> dict:
+    """``summary.json``: held-out metrics of the base (round 0) and of the last round's model,
+    and ``runtime_s``, the wall time of the invocation that finished the run."""
+    keys = ("greedy_acc", "t1_acc", "mean_base_logprob_t1", "bon_logprob")
+    pick = lambda r: {k: v for k, v in self.eval_result(r).items() if k in keys}
+    summary = {"heldout": {"base": pick(0), "sharpened": pick(self.config.loop.num_rounds)},
+               "runtime_s": round(time.time() - started, 1)}
+    atomic_write(self.workdir / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
   def _evals(self) -> list[tuple[int, str]]:
     return [(int(r), "eval") for r, stages in self.progress.completed.items() if "eval" in stages]
 
@@ -1016,7 +1030,8 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, **kwargs) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+        stop_after: str | None = None, started: float | None = None, **kwargs) -> dict:
   """``Loop(config, workdir).run()``: every pending stage, resuming where a previous run stopped."""
-  stop_after = kwargs.pop("stop_after", None)
-  return Loop(config, workdir, **kwargs).run(stop_after=stop_after)
+  started = time.time() if started is None else started
+  return Loop(config, workdir, **kwargs).run(stop_after=stop_after, started=started)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 
+_STARTED = time.time()  # before the heavy imports: summary.json's runtime counts them
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -85,7 +87,7 @@ def main(argv):
   if "loop" in config:
     if not _WORKDIR.value:
       raise app.UsageError("--workdir is required for a loop config")
-    loop.run(config, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+    loop.run(config, _WORKDIR.value, stop_after=_STOP_AFTER.value, started=_STARTED)
     return
   summary = smoke(config)
   if summary["agreement"] < 1.0:

@@ -102,6 +102,11 @@ def test_method_smoke_runs_and_logs_expected_keys(method, tmp_path, smoke_base):
   eval_rows = loop.read_table(workdir / "round_000" / "eval_samples.jsonl")
   assert len(eval_rows) == config.task.num_eval * (1 + config.eval.num_samples)
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert set(summary) == {"heldout", "runtime_s"} and set(summary["heldout"]) == {"base", "sharpened"}
+  for model in summary["heldout"].values():
+    assert set(model) == {"greedy_acc", "t1_acc", "mean_base_logprob_t1", "bon_logprob"}
+    assert set(model["bon_logprob"]) == {"1", "2", "4"}
 
 
 def test_selection_semantics_in_tables(tmp_path, smoke_base):
