@@ -659,7 +659,8 @@ class Loop:
     if c.kind in ("top1", "topk"):
       picked = sel.top_k(group, reward, 1 if c.kind == "top1" else c.k, keys_R=keys)
     elif c.kind in ("threshold", "balance"):
-      keep = (reward >= chosen.get("threshold", c.threshold)) & chosen.get("mask", True)
+      threshold = chosen.get("threshold", loop_config.scheduled(c.threshold_schedule, r, c.threshold))
+      keep = (reward >= threshold) & chosen.get("mask", True)
       keep &= correct if c.require_correct else True
       picked = sel.where(group, keep, max_per_group=c.k, keys_R=keys)
     elif c.kind == "all_correct":
@@ -998,16 +999,29 @@ class Loop:
 
 
 def eval_metrics(rows: Sequence[dict], num_samples: int, bon_k: Sequence[int]) -> dict:
-  """Held-out metrics from an eval table: greedy accuracy, T=1 accuracy (pass@1), pass@k and
-  best-of-k by base log-prob (exact estimators), mean base log-prob of T=1 samples."""
+  """Held-out metrics from an eval table: greedy accuracy, T=1 accuracy (pass@1), pass@k, maj@k,
+  best-of-k by the base model's log-prob, mean log-prob and self-certainty (exact estimators), and
+  the mean base log-prob of T=1 samples."""
   greedy = [r for r in rows if r["kind"] == "greedy"]
   samples = [r for r in rows if r["kind"] == "sample"]
   by_prompt = {}
   for r in samples:
     by_prompt.setdefault(r["prompt_id"], []).append(r)
-  correct_PxN = np.array([[s["correct"] for s in v] for v in by_prompt.values()], float)
-  logp_PxN = np.array([[s["base_logprob"] for s in v] for v in by_prompt.values()], float)
+  column = lambda name: np.array([[s[name] for s in v] for v in by_prompt.values()], float)
+  correct_PxN, logp_PxN = column("correct"), column("base_logprob")
   n_P = np.full(len(by_prompt), num_samples)
+  bon = lambda scores_PxN, k: float(np.mean(estimators.bon_at_k_batch(scores_PxN, correct_PxN, k)))
+
+  def maj(k: int) -> float:
+    per_prompt = []
+    for v in by_prompt.values():
+      truth = {}
+      for s in v:
+        truth.setdefault(s["extracted"], bool(s["correct"]))
+      per_prompt.append(estimators.maj_at_k([s["extracted"] for s in v], truth, k,
+                                            exact_limit=2_000, num_subsets=1_000))
+    return float(np.mean(per_prompt))
+
   return {
       "greedy_acc": float(np.mean([r["correct"] for r in greedy])),
       "t1_acc": float(correct_PxN.mean()),
@@ -1015,8 +1029,10 @@ def eval_metrics(rows: Sequence[dict], num_samples: int, bon_k: Sequence[int]) -
       "mean_length_t1": float(np.mean([r["length"] for r in samples])),
       "pass": {str(k): float(np.mean(estimators.pass_at_k(n_P, correct_PxN.sum(1), k)))
                for k in bon_k},
-      "bon_logprob": {str(k): float(np.mean(estimators.bon_at_k_batch(logp_PxN, correct_PxN, k)))
-                      for k in bon_k},
+      "bon_logprob": {str(k): bon(logp_PxN, k) for k in bon_k},
+      "bon_mean_logprob": {str(k): bon(column("base_mean_logprob"), k) for k in bon_k},
+      "bon_self_certainty": {str(k): bon(column("base_self_certainty"), k) for k in bon_k},
+      "maj": {str(k): maj(k) for k in bon_k},
       "num_prompts": len(by_prompt),
   }
 

@@ -112,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
       kind="top1",  # one of SELECTIONS
       k=0,  # topk: how many; all_correct: at most k per prompt (0 = no cap)
       threshold=float("-inf"),  # threshold: keep reward >= threshold
+      threshold_schedule=(),  # optional per-round thresholds (the last entry repeats)
       require_correct=False,  # threshold / balance: also require the gold verdict
       dedup="none",  # none | exact (identical text) | answer (same extracted answer)
       min_margin=0.0,  # best_worst: skip prompts whose best and worst rewards differ by less
@@ -242,12 +243,16 @@ def loss_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in c.train.loss_options.items() if v is not None}
 
 
+def scheduled(schedule: Any, round_index: int, default: float) -> float:
+  """Entry ``round_index`` (1-based) of a per-round schedule, the last repeating; ``default``
+  when the schedule is empty."""
+  schedule = tuple(schedule)
+  return float(schedule[min(round_index, len(schedule)) - 1]) if schedule else float(default)
+
+
 def temperature(c: ml_collections.ConfigDict, round_index: int) -> float:
   """The sampling temperature of round ``round_index`` (1-based)."""
-  schedule = tuple(c.sample.temperatures)
-  if not schedule:
-    return float(c.sample.temperature)
-  return float(schedule[min(round_index, len(schedule)) - 1])
+  return scheduled(c.sample.temperatures, round_index, c.sample.temperature)
 
 
 VARIANTS = ("", "smoke")

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("sft_sharpening", "rlhf_sharpening", "xpo_sharpening", "star", "rest_em", "rft",
            "b_star", "self_rewarding", "intuitor", "ttrl", "grpo")
 EVAL_KEYS = {"greedy_acc", "t1_acc", "mean_base_logprob_t1", "bon_logprob.1", "bon_logprob.4",
-             "pass.1", "pass.4"}
+             "pass.1", "pass.4", "maj.4", "bon_mean_logprob.4", "bon_self_certainty.4"}
 
 
 def method_config(name: str, variant: str = "smoke", **overrides):
@@ -107,6 +108,26 @@ def test_method_smoke_runs_and_logs_expected_keys(method, tmp_path, smoke_base):
   for model in summary["heldout"].values():
     assert set(model) == {"greedy_acc", "t1_acc", "mean_base_logprob_t1", "bon_logprob"}
     assert set(model["bon_logprob"]) == {"1", "2", "4"}
+
+
+def test_lora_rounds_save_adapters_and_sample_from_the_merged_model(tmp_path, smoke_base):
+  config = method_config("sft_sharpening", **{"train.lora.rank": 4, "train.lora.targets": "all_linear",
+                                              "train.optimizer.learning_rate": 3e-3})
+  workdir = fresh_workdir(tmp_path, smoke_base)
+  run = loop.Loop(config, workdir, progress_bars=False)
+  run.run()
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  adapters = _restore(workdir / "round_002" / "params")
+  assert 0 < count(adapters) < count(run.base_params) / 4
+  merged = loop.Loop(config, workdir, progress_bars=False).policy_params(2)  # restored from disk
+  assert jax.tree.structure(merged) == jax.tree.structure(run.base_params)
+  delta = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), merged,
+                       run.base_params)
+  from selfimprove_jax.training import lora
+  moved = {"/".join(k.key for k in path): d for path, d in jax.tree_util.tree_leaves_with_path(delta)}
+  targeted = {p for p in moved if re.fullmatch(lora.ALL_LINEAR_TARGETS, p)}
+  assert targeted and all(moved[p] > 0 for p in targeted)  # trained adapters moved the model
+  assert all(moved[p] == 0 for p in set(moved) - targeted)  # and nothing else
 
 
 def test_selection_semantics_in_tables(tmp_path, smoke_base):
