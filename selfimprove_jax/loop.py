@@ -147,7 +147,10 @@ def check_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> Non
   except json.JSONDecodeError as e:
     raise WorkdirError(f"workdir {workdir}: {CONFIG_FILE} is corrupted ({e})") from None
   now = _flatten(config_json(config))
-  diff = sorted(k for k in set(saved) | set(now)
+  # A key added to the schema after the workdir was written is fine at its default value.
+  defaults = _flatten(config_json(loop_config.base_config()))
+  added = {k for k in set(now) - set(saved) if k in defaults and now[k] == defaults[k]}
+  diff = sorted(k for k in (set(saved) | set(now)) - added
                 if saved.get(k, "<missing>") != now.get(k, "<missing>") and k not in RESUMABLE_CHANGES)
   if diff:
     shown = ", ".join(f"{k}: {saved.get(k, '<missing>')!r} -> {now.get(k, '<missing>')!r}"
