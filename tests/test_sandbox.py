@@ -110,7 +110,8 @@ while time.time() < deadline:
 print(n, flush=True)
 time.sleep(600)
 """
-  result = _run_contained(program, status="timeout")
+  # A wall clock well past the 0.8 s of forking, so a loaded machine still reaches the print.
+  result = _run_contained(program, dataclasses.replace(CFG, timeout_s=6), status="timeout")
   assert 0 < int(result.stdout) <= CFG.max_processes
 
 
@@ -335,7 +336,8 @@ def test_mbpp_reward_judges_ten_problems_right_and_wrong():
   tests.append(["assert f() is None"])
   completions.append("anything")  # a row without tests is not judged
   tests.append(None)
-  reward = v.mbpp_reward(CFG, max_workers=2)
+  # 5 s per program: on a loaded machine 1.5 s can time out a correct solution.
+  reward = v.mbpp_reward(dataclasses.replace(CFG, timeout_s=5), max_workers=2)
   got = reward(["prompt"] * len(completions), completions, test_list=tests)
   assert got == [1.0, 0.0] * len(MBPP) + [0.0, None]
   assert _live_sandbox_processes() == []

@@ -20,9 +20,13 @@ def test_demonstration_batch_masks_the_target_only():
 
 def test_pretrain_then_measure_runs_end_to_end():
   task = synthetic.AdditionConfig(corruption_rate=0.5)
-  params, losses = sr.pretrain(task, steps=3, batch_size=8, seed=0, progress=False)
+  small = sr.MODEL.replace(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                           mlp_dim=64)  # the plumbing, not the size, is under test
+  params, losses = sr.pretrain(task, model_config=small, steps=3, batch_size=8, seed=0,
+                               progress=False)
   assert len(losses) == 3 and all(np.isfinite(losses))
-  stats = sr.measure(params, synthetic.make_examples(task, 2, seed=1), num_samples=2)
+  stats = sr.measure(params, synthetic.make_examples(task, 2, seed=1), model_config=small,
+                     num_samples=2)
   assert stats.num_prompts == 2 and stats.num_samples == 2
   assert 0 <= stats.greedy_accuracy <= 1 and 0 <= stats.t1_accuracy <= 1
   assert stats.t1_logprob_wrong < 0  # an untrained model gets (nearly) everything wrong
