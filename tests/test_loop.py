@@ -24,7 +24,7 @@ from selfimprove_jax.checkpoint import trees
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("sft_sharpening", "rlhf_sharpening", "xpo_sharpening", "star", "rest_em", "rft",
-           "b_star", "self_rewarding", "intuitor", "ttrl", "grpo")
+           "b_star", "self_rewarding", "intuitor", "ttrl", "grpo", "demo")
 EVAL_KEYS = {"greedy_acc", "t1_acc", "mean_base_logprob_t1", "bon_logprob.1", "bon_logprob.4",
              "pass.1", "pass.4", "maj.4", "bon_mean_logprob.4", "bon_self_certainty.4"}
 
