@@ -163,9 +163,10 @@ do_install() {
 do_run() {  # CONFIG [OVERRIDES...]
   local config=$1
   shift
-  # jax.distributed.initialize() finds the other workers by itself on TPU VMs: no addresses to pass.
+  # --distributed=on: jax.distributed.initialize() finds the other workers by itself on TPU VMs
+  # (one process per worker); no addresses to pass.
   local cmd=(env PYTHONUNBUFFERED=1 ${run_env[@]+"${run_env[@]}"} .venv/bin/python -m selfimprove_jax.main
-             "--config=$config" "--workdir=$workdir" "$@")
+             "--config=$config" "--workdir=$workdir" --distributed=on "$@")
   on_workers all "$(detached_run_snippet "$REMOTE_LOGS" "$REMOTE_TREE" "${cmd[@]}")"
 }
 

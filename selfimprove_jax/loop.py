@@ -49,6 +49,7 @@ import tqdm
 from etils import epath
 
 from selfimprove_jax import loop_config
+from selfimprove_jax import multihost
 from selfimprove_jax import select as sel
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.analysis import estimators
@@ -188,10 +189,13 @@ class Loop:
     loop_config.validate(config)
     self.config, self.workdir = config, _path(workdir)
     self.bars = progress_bars
-    self.writer = jax.process_index() == 0
+    self.writer = multihost.is_writer()
     check_workdir(self.workdir, config)
     self.mesh = sh.make_mesh(dict(config.mesh))
     shards = self.mesh.shape[sh.DATA] * self.mesh.shape[sh.FSDP]
+    if config.loop.prompts_per_round % jax.process_count():
+      raise ValueError(f"config.loop.prompts_per_round={config.loop.prompts_per_round}: must be a "
+                       f"multiple of the {jax.process_count()} processes (each reads its share)")
     rows = (config.train.batch_size if config.loop.mode == "offline"
             else config.loop.prompts_per_round * config.sample.num_samples)
     if rows % (shards * config.train.num_microbatches):
@@ -204,6 +208,7 @@ class Loop:
     self._load_model()
     self.progress = self._read_progress()
     self._policy_cache: dict[int, Any] = {}
+    self._eval_cache: dict[int, dict] = {}
 
   # -- setup ---------------------------------------------------------------------------------
 
@@ -294,7 +299,8 @@ class Loop:
           task, model_config=self.model_config, steps=s.pretrain_steps,
           batch_size=s.pretrain_batch_size, learning_rate=s.pretrain_learning_rate,
           seed=self.config.seed, progress=self.bars and self.writer)
-      params = jax.device_put(params, shardings)
+      # Every process pretrained the same weights on its own devices; place them on the mesh.
+      params = jax.device_put(jax.device_get(params), shardings)
     else:
       params = init_params(self.model_config, jax.random.key(self.config.seed), self.mesh,
                            sh.TRAIN_RULES)
@@ -510,9 +516,13 @@ class Loop:
         [r["tokens"] for r in rows], batch_size=self.config.score.batch_size)
 
   def _grade(self, rows: Sequence[dict], by_id: dict[str, dict]) -> None:
-    for r in rows:
-      verdict = self.task.grade(by_id[r["prompt_id"]], r["completion"])
-      r["extracted"], r["correct"] = verdict.extracted, bool(verdict.correct)
+    """Ground-truth verdicts (``extracted``, ``correct``) of every row; each process grades
+    its block of the rows (code runs in the sandbox there) and the verdicts are gathered."""
+    def grade(row):
+      verdict = self.task.grade(by_id[row["prompt_id"]], row["completion"])
+      return verdict.extracted, bool(verdict.correct)
+    for r, (extracted, correct) in zip(rows, multihost.map_blocks(grade, rows)):
+      r["extracted"], r["correct"] = extracted, correct
 
   def _base_scores(self, rows: Sequence[dict], prompt_ids: dict[str, list[int]]) -> None:
     scores = self._score_rows(self.base_params, rows, prompt_ids)
@@ -558,14 +568,15 @@ class Loop:
     return judge([prompt_texts[r["prompt_id"]] for r in rows], [r["completion"] for r in rows])
 
   def _round_prompts(self, index: int) -> list[dict]:
-    """Batch ``index`` of the shuffled, repeating train-prompt stream (this process's shard)."""
+    """Global batch ``index`` of the shuffled, repeating train-prompt stream. Each process reads
+    its own block (``pipeline.global_batches``); the blocks are gathered in process order, so the
+    batch is the same on any number of processes."""
     if not hasattr(self, "_prompt_ds"):
-      self._prompt_ds = pipeline.prompt_batches(
-          self.train_examples, self.encode, batch_size=self.config.loop.prompts_per_round,
-          buckets=PROMPT_BUCKETS, pad_id=self.tokenizer.pad_id, seed=self.config.seed,
-          num_epochs=None)
-    batch = self._prompt_ds[index]
-    return [self.train_examples[i] for i in batch["index"][batch["valid"]]]
+      self._prompt_ds = pipeline.global_batches(
+          len(self.train_examples), batch_size=self.config.loop.prompts_per_round,
+          seed=self.config.seed)
+    indices = multihost.allgather_objects(self._prompt_ds[index].tolist())
+    return [self.train_examples[i] for i in indices]
 
   def _prompt_maps(self, examples: Sequence[dict]):
     ids = {e["id"]: self.encode(e) for e in examples}
@@ -981,6 +992,8 @@ class Loop:
     result = eval_metrics(rows, c.num_samples, tuple(c.bon_k))
     if self.writer:
       atomic_write(self.round_dir(r) / "eval.json", json.dumps(result, indent=1))
+    # Other processes must not read eval.json before process 0 has written it.
+    self._eval_cache[r] = json.loads(json.dumps(result))
     self.log(r, "eval", self.progress.global_step(r + 1), _flatten(result, ""))
     self._mark_done(r, "eval")
 
@@ -998,7 +1011,11 @@ class Loop:
     return [(int(r), "eval") for r, stages in self.progress.completed.items() if "eval" in stages]
 
   def eval_result(self, round_index: int) -> dict:
-    return json.loads((self.round_dir(round_index) / "eval.json").read_text())
+    """Round ``round_index``'s held-out metrics (``eval.json``)."""
+    if round_index not in self._eval_cache:
+      self._eval_cache[round_index] = json.loads(
+          (self.round_dir(round_index) / "eval.json").read_text())
+    return self._eval_cache[round_index]
 
 
 def eval_metrics(rows: Sequence[dict], num_samples: int, bon_k: Sequence[int]) -> dict:

@@ -7,6 +7,12 @@
 A loop config (one with a ``loop`` section) runs ``loop.Loop``: rerunning the same command resumes
 where the previous run stopped. ``--stop_after`` ends after the next pending stage of that name
 (sample, score, select, train, eval), for partial reruns and research scripts that take over.
+
+Several processes (a TPU pod slice, GPU hosts) run the same command each; ``--distributed=on`` makes
+them find each other (on Cloud TPU VMs, Slurm and Open MPI with no other flag), or name process 0's
+coordinator on every process:
+
+  python -m selfimprove_jax.main ... --coordinator_address=host0:12345 --num_processes=2 --process_id=I
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from selfimprove_jax import loop
+from selfimprove_jax import multihost
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models import Transformer, count_params, get_preset, init_params
 from selfimprove_jax.sampling import Sampler
@@ -32,6 +39,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collect
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://) for a loop config.")
 _STOP_AFTER = flags.DEFINE_enum("stop_after", None, list(loop.OFFLINE_STAGES),
                                 "Stop after the next pending stage of this name.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", list(multihost.MODES),
+    "jax.distributed.initialize: 'on' always (a TPU VM slice, Slurm, Open MPI find the other "
+    "processes themselves), 'auto' when a coordinator address is given (flag or "
+    "JAX_COORDINATOR_ADDRESS), 'off' never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 _TOKENIZER_TEXT = [
     "What is 12 + 30? The answer is 42.", "Self-improvement: generate, verify, distill.",
@@ -83,6 +99,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO
+  multihost.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   config = _CONFIG.value
   if "loop" in config:
     if not _WORKDIR.value:

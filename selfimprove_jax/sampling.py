@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfimprove_jax import multihost
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models.transformer import CACHE_KV_AXES, CACHE_POS_AXES, KVCache, init_cache
 from selfimprove_jax.scoring import token_logprobs
@@ -315,7 +316,7 @@ class Sampler:
       out = generate(self.model, self.params, prompt, mask, jax.random.fold_in(key, group), sampling,
                      self.stop_ids, max_new_tokens=self.max_new_tokens, num_samples=num_samples,
                      pad_id=self.pad_id, vocab_limit=self.vocab_limit)
-      results.append((real, jax.device_get(out)))
+      results.append((real, multihost.fetch(out)))
     return self._to_host(results, num_samples)
 
   def _to_host(self, results, num_samples: int) -> Completions:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from selfimprove_jax import multihost
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models.transformer import Transformer, positions_from_mask
 
@@ -240,7 +241,7 @@ def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mas
     rows = slice(start, start + batch_size)
     out = score_jit(model, params, place(tokens_SxL[rows]), place(input_mask_SxL[rows]),
                     place(loss_mask_SxL[rows]), chunk_size=chunk_size)
-    results.append(jax.device_get(out))  # blocks, so fake-device collectives never pile up
+    results.append(multihost.fetch(out))  # blocks, so fake-device collectives never pile up
   if not results:
     per_seq = lambda dtype=np.float32: np.zeros((0,), dtype)
     return Scores(np.zeros((0, L), np.float32), np.zeros((0, L), np.float32), per_seq(), per_seq(),

@@ -57,7 +57,7 @@ def test_tpu_single_host_all_prints_create_install_run_and_logs():
       r".venv/bin/pip\ install\ -q\ -e\ \'.\[tpu\]\'",
       f"gcloud compute tpus tpu-vm ssh sharpen {at} --worker=all --command=" + RUN_PREFIX +
       r".venv/bin/python\ -m\ selfimprove_jax.main\ --config=configs/smoke.py\ "
-      r"--workdir=gs://bucket/runs/one\ --config.seed=3" + RUN_SUFFIX,
+      r"--workdir=gs://bucket/runs/one\ --distributed=on\ --config.seed=3" + RUN_SUFFIX,
       f"gcloud compute tpus tpu-vm ssh sharpen {at} --worker=0 --command="
       r"tail\ -n\ 100\ -F\ selfimprove_jax_logs/run.log",
   ]
@@ -74,7 +74,8 @@ def test_tpu_pod_slice_on_spot_and_a_run_with_quoting():
                  "configs/smoke.py", "--config.prompt=What is 2 + 2?") == [
       "gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --worker=all --command=" + RUN_PREFIX +
       r"LIBTPU_INIT_ARGS=--xla_tpu_megacore_fusion=true\ .venv/bin/python\ -m\ selfimprove_jax.main\ "
-      r"--config=configs/smoke.py\ --workdir=gs://bucket/runs/pod\ --config.prompt=What\\\ is\\\ 2\\\ "
+      r"--config=configs/smoke.py\ --workdir=gs://bucket/runs/pod\ --distributed=on\ "
+      r"--config.prompt=What\\\ is\\\ 2\\\ "
       r"+\\\ 2\\\?" + RUN_SUFFIX]
 
 
@@ -297,7 +298,7 @@ def test_tpu_worker_shell_text_runs_install_run_stop_and_copy_out(fake_worker, t
   _wait_for(lambda: log.exists() and "PYTHONUNBUFFERED=1" in log.read_text(), f"the end of {log}")
   assert log.read_text().splitlines() == [
       "arg: -m", "arg: selfimprove_jax.main", "arg: --config=configs/smoke.py", "arg: --workdir=runs/w",
-      "arg: --config.prompt=What is 2 + 2?", "PYTHONUNBUFFERED=1"]
+      "arg: --distributed=on", "arg: --config.prompt=What is 2 + 2?", "PYTHONUNBUFFERED=1"]
   pid = int((home / "selfimprove_jax_logs/run.pid").read_text())
   assert _alive(pid)  # still running after the "ssh" session ended
 

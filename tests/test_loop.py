@@ -3,7 +3,6 @@
 The smoke variants share one tiny synthetic base model, pretrained once per session and copied
 into each workdir's ``base/`` (the loop reuses a base it finds there).
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,42 +20,13 @@ import pytest
 
 from selfimprove_jax import loop
 from selfimprove_jax.checkpoint import trees
+from tests.loop_helpers import fresh_workdir, method_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.loop_helpers import REPO
 METHODS = ("sft_sharpening", "rlhf_sharpening", "xpo_sharpening", "star", "rest_em", "rft",
            "b_star", "self_rewarding", "intuitor", "ttrl", "grpo", "demo")
 EVAL_KEYS = {"greedy_acc", "t1_acc", "mean_base_logprob_t1", "bon_logprob.1", "bon_logprob.4",
              "pass.1", "pass.4", "maj.4", "bon_mean_logprob.4", "bon_self_certainty.4"}
-
-
-def method_config(name: str, variant: str = "smoke", **overrides):
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
-
-
-@pytest.fixture(scope="session")
-def smoke_base(tmp_path_factory):
-  """The smoke variants' base model, pretrained once (300 steps on one-digit sums)."""
-  workdir = tmp_path_factory.mktemp("base_run")
-  run = loop.Loop(method_config("sft_sharpening"), workdir, progress_bars=False)
-  run.base_params  # pretrains and saves base/
-  return workdir / "base"
-
-
-def fresh_workdir(tmp_path, smoke_base, name="run"):
-  workdir = tmp_path / name
-  shutil.copytree(smoke_base, workdir / "base")
-  return workdir
 
 
 def records(workdir):

@@ -22,6 +22,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from selfimprove_jax import multihost
+
 FORMAT = "selfimprove_jax.tree/1"
 MANIFEST = "MANIFEST"
 TREE_DIR = "tree"
@@ -70,13 +72,13 @@ def save_tree(path: str | os.PathLike, tree: Any, *, meta: dict | None = None) -
   """
   final = _path(path)
   tmp = final.parent / f".{final.name}.tmp"
-  if jax.process_index() == 0 and tmp.exists():
+  if multihost.is_writer() and tmp.exists():
     tmp.rmtree()  # left by a process killed mid-save
-  _sync("save_tree_clean")
+  multihost.sync("save_tree_clean")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp / TREE_DIR, tree)
-  _sync("save_tree_written")
-  if jax.process_index() == 0:
+  multihost.sync("save_tree_written")
+  if multihost.is_writer():
     files = {rel: list(_digest(p)) for rel, p in sorted(_files(tmp).items())}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files, "meta": meta or {}}))
     old = final.parent / f".{final.name}.old"
@@ -87,7 +89,7 @@ def save_tree(path: str | os.PathLike, tree: Any, *, meta: dict | None = None) -
     tmp.rename(final)
     if old.exists():
       old.rmtree()
-  _sync("save_tree_done")
+  multihost.sync("save_tree_done")
 
 
 def _manifest(root: epath.Path) -> dict:
@@ -144,9 +146,3 @@ def restore_tree(path: str | os.PathLike, target: Any, *, check: bool = True) ->
   except Exception as e:  # orbax raises many types; name the checkpoint in one error type
     raise CheckpointError(f"checkpoint {root} cannot be restored onto the expected tree: "
                           f"{type(e).__name__}: {e}") from e
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)

@@ -140,6 +140,41 @@ def prompt_batches(examples: Sequence[Example], encode: Callable[[Example], Sequ
   return ds.map(to_row).batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
 
 
+def global_batches(num_examples: int, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                   num_epochs: int | None = None, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.MapDataset:
+  """Example indices of this process's block of each global batch: ``ds[b]`` is ``(B / P,)`` int64.
+
+  Unlike ``prompt_batches`` (each process shuffles its own strided shard), the global stream
+  here -- example order, batches, epochs -- is a pure function of ``seed`` and does not depend on
+  the process layout: global batch ``b`` holds the same ``batch_size`` examples whether one
+  process or sixteen read it, and process p reads rows ``[p * B/P, (p + 1) * B/P)`` of it (the
+  rows its devices hold under a batch-sharded mesh). So a run gives the same results on any number
+  of hosts. Batches may straddle epochs; each epoch is reshuffled.
+
+  Raises:
+    ValueError: ``batch_size`` not a positive multiple of ``process_count``, bad layout or epochs.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got process_index="
+                     f"{process_index}, process_count={process_count}")
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size}: must be a positive multiple of the "
+                     f"{process_count} processes")
+  if num_examples < 1:
+    raise ValueError(f"need at least one example, got {num_examples}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+  ds = grain.MapDataset.range(num_examples)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs).batch(batch_size // process_count, drop_remainder=True,
+                                   batch_fn=lambda rows: np.asarray(rows, np.int64))
+  return ds[process_index::process_count]
+
+
 def iterator(ds: grain.MapDataset, state: Mapping[str, Any] | None = None, *,
              num_threads: int = 4, prefetch: int = 8) -> grain.DatasetIterator:
   """A checkpointable iterator over ``ds``, positioned at ``state`` when given.

@@ -192,6 +192,11 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
                        f"were built for {expected_frozen} (state_shardings(frozen_keys=...))")
     # Frozen trees are passed beside the donated state: donating them would free arrays the
     # caller may still hold (the base model it samples from, the reference it scores with).
+    if data_sharding is not None:
+      # Host arrays are global values: each process places only the rows its devices hold (jit
+      # refuses NumPy inputs with a non-replicated sharding when there are several processes).
+      batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else
+                           jax.device_put(x, data_sharding), batch)
     new_state, metrics = jitted(state.replace(frozen=None), state.frozen, batch, rng)
     return new_state.replace(frozen=state.frozen), metrics
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfimprove_jax import multihost
 from selfimprove_jax.models import Transformer
 from selfimprove_jax.tokenizer import Tokenizer
 from selfimprove_jax.verifiers.base import check_batch
@@ -102,7 +103,7 @@ def next_token_logprobs(model: Transformer, params: Any, token_ids: Sequence[Seq
   tokens_SxL = np.pad(tokens_SxL, ((0, padded - S), (0, 0)))
   mask_SxL = np.pad(mask_SxL, ((0, padded - S), (0, 0)))
   mask_SxL[S:, -1] = True  # padding rows need one real token to stay finite; they are dropped
-  out = [np.asarray(_next_token_logprobs(model, params, tokens_SxL[i:i + batch_size],
+  out = [multihost.fetch(_next_token_logprobs(model, params, tokens_SxL[i:i + batch_size],
                                          mask_SxL[i:i + batch_size], labels_K))
          for i in range(0, padded, batch_size)]
   return np.concatenate(out)[:S] if out else np.zeros((0, labels_K.size), np.float32)
