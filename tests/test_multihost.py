@@ -6,6 +6,7 @@ Also the host-side pieces on one process: ``multihost`` helpers and the process-
 stream ``pipeline.global_batches``.
 """
 import json
+import re
 import os
 import signal
 import socket
@@ -205,3 +206,17 @@ def test_global_batches_name_bad_values(kwargs, message):
   args = dict(batch_size=8, process_index=0, process_count=1) | kwargs
   with pytest.raises(ValueError, match=message):
     pipeline.global_batches(37, **args)
+
+
+def test_no_platform_branches_in_model_or_step_code():
+  """The same sharding specs serve CPU, GPU and TPU: model, sampling, scoring and training code
+  never asks which platform it runs on."""
+  pattern = re.compile(r"\.platform\b|default_backend|process_index\(\)|local_devices\(|"
+                       r"[\"'](tpu|gpu|cuda|rocm)[\"']")
+  files = [*(REPO / "selfimprove_jax" / "models").glob("*.py"),
+           *(REPO / "selfimprove_jax" / "training").glob("*.py"),
+           *(REPO / "selfimprove_jax").glob("s[ac]*ing.py"), REPO / "selfimprove_jax" / "sharding.py"]
+  assert len(files) >= 10
+  found = [f"{f.relative_to(REPO)}:{i}: {line.strip()}" for f in files
+           for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+  assert not found, found
