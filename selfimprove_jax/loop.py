@@ -119,7 +119,9 @@ def read_table(path: str | os.PathLike) -> list[dict]:
   """A samples table written by ``write_table`` (or every part of an online round's directory)."""
   path = _path(path)
   if path.is_dir():
-    return [row for part in sorted(path.glob("*.jsonl")) for row in read_table(part)]
+    # iterdir, not glob: fsspec-backed epath globs can mangle scheme:// paths.
+    parts = sorted(p for p in path.iterdir() if p.name.endswith(".jsonl"))
+    return [row for part in parts for row in read_table(part)]
   return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
@@ -324,11 +326,16 @@ class Loop:
       raise WorkdirError(f"{path} is corrupted ({e})") from None
 
   def _mark_done(self, round_index: int, stage: str, train_steps: int | None = None) -> None:
+    self._flush_metrics()  # what a resumed run keeps of this stage must be on storage first
     self.progress.completed.setdefault(str(round_index), []).append(stage)
     if train_steps is not None:
       self.progress.train_steps[str(round_index)] = train_steps
     if self.writer:
       atomic_write(self.workdir / PROGRESS_FILE, json.dumps(dataclasses.asdict(self.progress)))
+
+  def _flush_metrics(self) -> None:
+    if getattr(self, "metrics", None) is not None:
+      self.metrics.flush()
 
   def round_dir(self, round_index: int) -> epath.Path:
     return self.workdir / f"round_{round_index:03d}"
@@ -782,6 +789,7 @@ class Loop:
   def _save_train_state(self, r: int, state, step: int) -> None:
     tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
             "rng": jax.random.key_data(state.rng)}
+    self._flush_metrics()  # a resume from this checkpoint keeps the records up to it
     trees.save_tree(self._train_state_dir(r, step), tree, meta={"round": r, "round_step": step})
     if self.writer:
       for p in (self.round_dir(r) / "train_state").iterdir():
@@ -925,8 +933,8 @@ class Loop:
     parts = self.round_dir(r) / "samples"
     if self.writer:
       parts.mkdir(parents=True, exist_ok=True)
-      for p in parts.glob("step_*.jsonl"):  # steps after the checkpoint are redone
-        if int(p.stem[5:]) > done:
+      for p in parts.iterdir():  # steps after the checkpoint are redone
+        if p.name.startswith("step_") and p.name.endswith(".jsonl") and int(p.stem[5:]) > done:
           p.unlink()
     offset = self.progress.global_step(r)
     bar = tqdm.trange(done, steps, desc=f"round {r} RL", unit="step", leave=False,

@@ -7,11 +7,16 @@ CRC-32C of the payload), each payload an ``Event`` protobuf encoded here in the 
   Event{double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5}
   Summary{repeated Value value = 1}    Value{string tag = 1; float simple_value = 2}
 
-Paths are ``etils.epath`` paths, so ``gs://`` works wherever the filesystem supports the file mode
-(appending to ``metrics.jsonl`` needs a filesystem with append, e.g. local disk or a FUSE mount).
+Paths are ``etils.epath`` paths. On local disk (or a FUSE mount) both files are appended to and
+flushed after every record. Object stores (``gs://``, any ``scheme://``) have no append -- gcsfs
+silently turns append into overwrite -- and show an object only once it is closed, so there both
+files are kept in memory and rewritten whole by ``flush()``: at most every ``REMOTE_FLUSH_S``
+seconds while writing, on every explicit ``flush()`` (the loop flushes before each checkpoint and
+after each stage, so whatever a resumed run keeps is on storage) and on ``close()``.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
@@ -25,6 +30,12 @@ from typing import Any, Callable, Iterator, Mapping
 from etils import epath
 
 FILE_VERSION = "brain.Event:2"
+REMOTE_FLUSH_S = 30.0
+
+
+def _is_remote(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is on an object store (a ``scheme://`` URL): no append, no partial reads."""
+  return "://" in os.fspath(path)
 
 
 def _crc_of_byte(c: int) -> int:
@@ -109,7 +120,8 @@ class EventFileWriter:
     now = time.time()
     self.path = self.logdir / (f"events.out.tfevents.{int(now)}.{socket.gethostname()}."
                                f"{os.getpid()}.selfimprove")
-    self._f = self.path.open("wb")
+    self.remote = _is_remote(self.logdir)
+    self._f = io.BytesIO() if self.remote else self.path.open("wb")
     self._f.write(tfrecord(encode_event(now, 0, file_version=FILE_VERSION)))
     self.flush()
 
@@ -123,13 +135,18 @@ class EventFileWriter:
     self._f.write(tfrecord(encode_event(wall, int(step), values=values)))
 
   def flush(self):
-    """Pushes buffered records to the file."""
-    if self._f is not None:
+    """Pushes buffered records to the file (rewrites the whole object on an object store)."""
+    if self._f is None:
+      return
+    if self.remote:
+      self.path.write_bytes(self._f.getvalue())
+    else:
       self._f.flush()
 
   def close(self):
     """Flushes and closes the file; closing twice is fine."""
     if self._f is not None:
+      self.flush()
       self._f.close()
       self._f = None
 
@@ -230,6 +247,7 @@ class MetricsLog:
   fresh event file after deleting the old ones; a resumed run passes a ``keep`` that drops records
   past its last checkpoint, so nothing is logged twice. A truncated last line (a killed writer) is
   dropped; any other malformed line raises. ``enabled=False`` (non-zero hosts) touches no file.
+  On an object store the files are rewritten by ``flush`` instead (see the module docstring).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, keep: Callable[[dict], bool] | None = None,
@@ -239,21 +257,35 @@ class MetricsLog:
     self._f = self._tb = None
     if not enabled:
       return
+    self.remote = _is_remote(workdir)
     workdir = epath.Path(workdir)
     self.path = workdir / "metrics.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
     if self.path.exists():
       self._records = [r for r in self._read() if keep is None or keep(r)]
-      tmp = workdir / f".metrics.jsonl.tmp-{uuid.uuid4().hex[:8]}"
-      tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in self._records))
-      tmp.replace(self.path)
-    for old in (workdir / "tensorboard").glob("events.out.tfevents.*"):
-      old.unlink()
+      if self.remote:  # an object appears whole or not at all
+        self._write_jsonl()
+      else:
+        tmp = workdir / f".metrics.jsonl.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(self._jsonl())
+        tmp.replace(self.path)
+    board = workdir / "tensorboard"
+    # iterdir, not glob: fsspec-backed epath globs can mangle scheme:// paths.
+    for old in (board.iterdir() if board.exists() else ()):
+      if old.name.startswith("events.out.tfevents."):
+        old.unlink()
     self._tb = EventFileWriter(workdir / "tensorboard")
     for r in self._records:
       self._write_tb(r)
     self._tb.flush()
-    self._f = self.path.open("a")
+    self._f = io.StringIO() if self.remote else self.path.open("a")  # the StringIO marks "open"
+    self._flushed = time.monotonic()
+
+  def _jsonl(self) -> str:
+    return "".join(json.dumps(r, allow_nan=False) + "\n" for r in self._records)
+
+  def _write_jsonl(self) -> None:
+    self.path.write_text(self._jsonl())
 
   def _read(self) -> list[dict]:
     lines = self.path.read_bytes().split(b"\n")
@@ -297,10 +329,23 @@ class MetricsLog:
               for k, v in clean.items()}
     line = json.dumps(stored, allow_nan=False) + "\n"  # fails before anything is written
     self._write_tb(clean)
-    self._tb.flush()
-    self._f.write(line)
-    self._f.flush()
     self._records.append(stored)
+    if not self.remote:
+      self._f.write(line)
+      self.flush()
+    elif time.monotonic() - self._flushed > REMOTE_FLUSH_S:
+      self.flush()
+
+  def flush(self):
+    """Makes every record written so far durable (a no-op when disabled or closed)."""
+    if not self.enabled or self._f is None:
+      return
+    self._tb.flush()
+    if self.remote:
+      self._write_jsonl()
+      self._flushed = time.monotonic()
+    else:
+      self._f.flush()
 
   def records(self) -> list[dict]:
     """The records now in the log, as stored (non-finite floats as None)."""
@@ -309,6 +354,7 @@ class MetricsLog:
   def close(self):
     """Closes both files; closing twice is fine."""
     if self._f is not None:
+      self.flush()
       self._f.close()
       self._tb.close()
       self._f = self._tb = None

@@ -197,3 +197,52 @@ def test_disabled_touches_nothing(tmp_path):
     log.write({"step": 1, "loss": 1.0})
     assert log.records() == []
   assert not workdir.exists()
+
+
+@pytest.fixture
+def object_store(monkeypatch):
+  """``s3://`` served by fsspec's in-memory filesystem, made to behave like an object store:
+  opening for append fails (gcsfs silently overwrites instead), and an object opened for
+  writing appears only when it is closed."""
+  import fsspec
+  from etils import epath
+  from etils.epath import gpath
+  from fsspec.implementations.memory import MemoryFileSystem
+
+  class ObjectStore(MemoryFileSystem):
+    def _open(self, path, mode="rb", **kwargs):
+      if "a" in mode:
+        raise NotImplementedError(f"no append on an object store (mode={mode!r})")
+      return super()._open(path, mode, **kwargs)
+
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  fsspec.register_implementation("s3", ObjectStore, clobber=True)
+  root = epath.Path("s3://selfimprove-metrics-test/run")
+  yield root
+  root.rmtree(missing_ok=True)
+  fsspec.register_implementation("s3", MemoryFileSystem, clobber=True)
+
+
+def test_metrics_log_on_an_object_store_rewrites_on_flush_and_keeps_records_on_resume(
+    object_store, monkeypatch):
+  records = [{"step": s, "stage": "train", "loss": s / 4} for s in range(1, 6)]
+  log = metrics.MetricsLog(object_store)
+  for r in records[:3]:
+    log.write(r)
+  assert not (object_store / "metrics.jsonl").exists()  # buffered: no flush is due yet
+  log.flush()
+  assert [json.loads(l) for l in (object_store / "metrics.jsonl").read_text().splitlines()] == \
+      records[:3]
+  monkeypatch.setattr(metrics, "REMOTE_FLUSH_S", 0.0)  # a flush is due on every write now
+  log.write(records[3])
+  assert len((object_store / "metrics.jsonl").read_text().splitlines()) == 4
+  log.write(records[4])
+  del log  # a killed writer: never closed
+
+  with metrics.MetricsLog(object_store, keep=lambda r: r["step"] <= 4) as log:
+    log.write({"step": 5, "stage": "train", "loss": 9.0})
+  expected = records[:4] + [{"step": 5, "stage": "train", "loss": 9.0}]
+  assert [json.loads(l) for l in (object_store / "metrics.jsonl").read_text().splitlines()] == \
+      expected
+  [tb] = [p for p in (object_store / "tensorboard").iterdir() if p.name.startswith("events.")]
+  assert metrics.read_events(tb) == [(r["step"], {"train/loss": r["loss"]}) for r in expected]
