@@ -59,6 +59,11 @@ class Scores:
 
 # ------------------------------------------------------------------------------ pure functions
 
+def round_up(n: int, multiple: int) -> int:
+  """The least multiple of ``multiple`` >= ``n``: padded lengths and batch sizes."""
+  return -(-n // multiple) * multiple
+
+
 def _log_softmax(logits_xV: jax.Array) -> jax.Array:
   return jax.nn.log_softmax(logits_xV.astype(jnp.float32), axis=-1)
 
@@ -223,7 +228,7 @@ def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mas
   if batch_size <= 0:
     raise ValueError(f"score_in_batches: batch_size={batch_size} must be positive")
   n, L = tokens_SxL.shape
-  padded = -(-n // batch_size) * batch_size
+  padded = round_up(n, batch_size)
   pad = ((0, padded - n), (0, 0))
   tokens_SxL = np.pad(tokens_SxL.astype(np.int32), pad)
   input_mask_SxL = np.pad(input_mask_SxL.astype(bool), pad)

@@ -170,6 +170,13 @@ def tree_shardings(names_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules) 
                       shapes_tree, is_leaf=is_names)
 
 
+def abstract(shapes_tree: Any, shardings_tree: Any) -> Any:
+  """``jax.ShapeDtypeStruct`` leaves carrying the shardings: abstract arrays to lower a step on
+  or to restore a checkpoint into."""
+  return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes_tree,
+                      shardings_tree)
+
+
 def sharded_init(init_fn, mesh: Mesh | None, rules: Rules, *args) -> tuple[Any, Any]:
   """Creates a parameter tree directly in its sharded layout, never holding an unsharded copy.
 

@@ -24,10 +24,6 @@ from selfimprove_jax.verifiers.base import check_batch
 SELF_REWARD_KINDS = ("logprob", "mean_logprob", "self_certainty")
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return max(multiple, -(-n // multiple) * multiple)
-
-
 def _check_ids(name: str, rows: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
   out = []
   for r, ids in enumerate(rows):
@@ -45,7 +41,7 @@ def pad_left(rows: Sequence[Sequence[int]], multiple: int) -> tuple[np.ndarray, 
 
   Returns (tokens_SxL int32, mask_SxL bool), True at real tokens.
   """
-  length = _round_up(max((len(r) for r in rows), default=1), multiple)
+  length = scoring.round_up(max(max((len(r) for r in rows), default=1), 1), multiple)
   tokens_SxL = np.zeros((len(rows), length), np.int32)
   mask_SxL = np.zeros((len(rows), length), bool)
   for s, ids in enumerate(rows):
@@ -72,7 +68,7 @@ def score_completions(model: Transformer, params: Any, prompt_ids: Sequence[Sequ
   prompts = _check_ids("prompt_ids", prompt_ids, vocab)
   completions = _check_ids("completion_ids", completion_ids, vocab)
   prompt_SxP, prompt_mask_SxP = pad_left(prompts, pad_multiple)
-  C = _round_up(max((len(c) for c in completions), default=1), pad_multiple)
+  C = scoring.round_up(max(max((len(c) for c in completions), default=1), 1), pad_multiple)
   completion_SxC = np.zeros((len(completions), C), np.int32)
   for s, ids in enumerate(completions):
     completion_SxC[s, :len(ids)] = ids
