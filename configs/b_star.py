@@ -7,7 +7,7 @@ Run:
   python -m selfimprove_jax.main --config=configs/b_star.py --workdir=/tmp/b_star
   python -m selfimprove_jax.main --config=configs/b_star.py:smoke --workdir=/tmp/smoke
 """
-from selfimprove_jax.loop_config import base_config, finalize
+from selfimprove_jax.loop.config import base_config, finalize
 
 
 def get_config(variant: str = ""):

@@ -12,7 +12,7 @@
 4. The same study on the sharpened model; WORKDIR/report/report.md with the figures, and
    WORKDIR/summary.json.
 """
-from selfimprove_jax.loop_config import base_config, finalize
+from selfimprove_jax.loop.config import base_config, finalize
 
 
 def get_config(variant: str = ""):

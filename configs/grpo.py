@@ -5,7 +5,7 @@ Run:
   python -m selfimprove_jax.main --config=configs/grpo.py --workdir=/tmp/grpo
   python -m selfimprove_jax.main --config=configs/grpo.py:smoke --workdir=/tmp/smoke
 """
-from selfimprove_jax.loop_config import base_config, finalize
+from selfimprove_jax.loop.config import base_config, finalize
 
 
 def get_config(variant: str = ""):

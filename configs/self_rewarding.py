@@ -8,7 +8,7 @@ Run:
 On the synthetic task (no words in its vocabulary) the judge prompt is "<question><answer> >" and
 the score labels are the digits 0-5.
 """
-from selfimprove_jax.loop_config import base_config, finalize
+from selfimprove_jax.loop.config import base_config, finalize
 
 
 def get_config(variant: str = ""):

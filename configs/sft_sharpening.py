@@ -6,7 +6,7 @@ Run (the synthetic CPU task; set model.* and task.* for a real model and benchma
   python -m selfimprove_jax.main --config=configs/sft_sharpening.py --workdir=/tmp/sft_sharpening
   python -m selfimprove_jax.main --config=configs/sft_sharpening.py:smoke --workdir=/tmp/smoke
 """
-from selfimprove_jax.loop_config import base_config, finalize
+from selfimprove_jax.loop.config import base_config, finalize
 
 
 def get_config(variant: str = ""):

@@ -7,7 +7,7 @@ Run:
   python -m selfimprove_jax.main --config=configs/star.py:smoke --workdir=/tmp/smoke
 For a natural-language task set e.g. --config.sample.hint_template='{question} (The answer is {answer}.)'
 """
-from selfimprove_jax.loop_config import base_config, finalize
+from selfimprove_jax.loop.config import base_config, finalize
 
 
 def get_config(variant: str = ""):

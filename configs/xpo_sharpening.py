@@ -5,7 +5,7 @@ Run:
   python -m selfimprove_jax.main --config=configs/xpo_sharpening.py --workdir=/tmp/xpo_sharpening
   python -m selfimprove_jax.main --config=configs/xpo_sharpening.py:smoke --workdir=/tmp/smoke
 """
-from selfimprove_jax.loop_config import base_config, finalize
+from selfimprove_jax.loop.config import base_config, finalize
 
 
 def get_config(variant: str = ""):

@@ -20,6 +20,7 @@ import pytest
 
 from selfimprove_jax import loop
 from selfimprove_jax.checkpoint import trees
+from selfimprove_jax.loop import updates
 from tests.loop_helpers import fresh_workdir, method_config
 
 from tests.loop_helpers import REPO
@@ -307,7 +308,7 @@ def test_crash_mid_train_then_rerun_is_bit_identical(method, overrides, crash_at
   loop.run(config, reference, progress_bars=False)
 
   calls = [0]
-  real_step = loop.run_step
+  real_step = updates.run_step
 
   def dying_step(*args, **kwargs):
     calls[0] += 1
@@ -316,11 +317,11 @@ def test_crash_mid_train_then_rerun_is_bit_identical(method, overrides, crash_at
     return real_step(*args, **kwargs)
 
   victim = fresh_workdir(tmp_path, smoke_base, "victim")
-  monkeypatch.setattr(loop, "run_step", dying_step)
+  monkeypatch.setattr(updates, "run_step", dying_step)
   with pytest.raises(_Crash):
     loop.run(config, victim, progress_bars=False)
   assert (victim / "round_002" / "train_state").exists()  # it died with a checkpoint to resume
-  monkeypatch.setattr(loop, "run_step", real_step)
+  monkeypatch.setattr(updates, "run_step", real_step)
   loop.run(config, victim, progress_bars=False)
 
   tables = ["round_002/samples.jsonl" if method != "grpo" else "round_002/samples"]

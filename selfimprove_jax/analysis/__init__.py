@@ -3,6 +3,7 @@
 Modules:
   estimators  pass@k, exact best-of-k under a selector, maj@k, percentile bootstrap CIs over
               prompts, greedy-vs-BoN lift. Pure NumPy.
+  heldout     ``eval_metrics``: the held-out numbers of one eval table (each round's eval.json).
   views       the paper's figures and tables as numbers from eval tables: per-selector lifts,
               lift vs N, log-prob histograms, amortization, sharpness, B-STaR balance. Pure NumPy.
   plots       PNGs of the views (matplotlib Agg canvas, no windows).
@@ -15,6 +16,7 @@ import importlib
 from selfimprove_jax.analysis.estimators import (bon_at_k, bon_at_k_batch, bon_at_k_ragged,
                                                  bootstrap_ci, greedy_vs_bon_lift, maj_at_k,
                                                  pass_at_k)
+from selfimprove_jax.analysis.heldout import eval_metrics
 from selfimprove_jax.analysis.views import (amortization_table, balance_by_round,
                                             expected_selected_value, lift_vs_n,
                                             logprob_histogram_data, selector_lifts, sharpness)
@@ -23,7 +25,7 @@ _LAZY = {"plot_selector_lifts": "plots", "plot_lift_vs_n": "plots",
          "plot_logprob_histogram": "plots", "write_report": "report"}
 
 __all__ = ["bon_at_k", "bon_at_k_batch", "bon_at_k_ragged", "bootstrap_ci", "greedy_vs_bon_lift",
-           "maj_at_k", "pass_at_k", "amortization_table", "balance_by_round",
+           "maj_at_k", "pass_at_k", "eval_metrics", "amortization_table", "balance_by_round",
            "expected_selected_value", "lift_vs_n", "logprob_histogram_data", "selector_lifts",
            "sharpness", *_LAZY]
 

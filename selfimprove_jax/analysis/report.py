@@ -5,32 +5,27 @@
 reads every ``round_RRR/eval_samples.jsonl`` and ``eval.json`` plus ``metrics.jsonl``, and writes
 ``report.md`` with its figures (PNGs) into ``WORKDIR/report/`` by default; prints the report's path.
 The report opens with the headline numbers (base model vs the last round), then the figures for
-the base and the last round, then the tables. Every file is written atomically. Reading the
-tables here rather than through ``loop.read_table`` (same format) keeps the report free of jax.
+the base and the last round, then the tables. Every file is written atomically. Tables are
+read through ``selfimprove_jax.tables`` (no jax), checked for the columns the views read.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
 from etils import epath
 
+from selfimprove_jax import cli
 from selfimprove_jax.analysis import plots, views
+from selfimprove_jax.tables import atomic_write, read_table
 
 ROUND_DIR = re.compile(r"round_(\d+)$")
-
-
-def read_table(path: str | os.PathLike) -> list[dict]:
-  """A JSONL table, or every ``*.jsonl`` part of a directory in name order (online rounds)."""
-  path = epath.Path(path)
-  if path.is_dir():
-    return [row for part in sorted(path.glob("*.jsonl")) for row in read_table(part)]
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -67,18 +62,12 @@ def read_rounds(workdir: str | os.PathLike) -> tuple[dict[int, list[dict]], dict
       raise FileNotFoundError(f"read_rounds: {os.fspath(d / 'eval_samples.jsonl')!r} exists but "
                               f"{os.fspath(d / 'eval.json')!r} does not")
     r = int(m.group(1))
-    tables[r] = read_table(d / "eval_samples.jsonl")
+    tables[r] = read_table(d / "eval_samples.jsonl", views.COLUMNS)
     evals[r] = json.loads((d / "eval.json").read_text())
   if not tables:
     raise FileNotFoundError(f"read_rounds: workdir={os.fspath(workdir)!r} has no "
                             f"round_RRR/eval_samples.jsonl")
   return tables, evals
-
-
-def _atomic_write(path: epath.Path, text: str) -> None:
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 def _fmt(x: Any, digits: int = 3, sign: bool = False) -> str:
@@ -217,16 +206,22 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
                    [(r, _fmt(b["balance_score"]), _fmt(b["temperature"], 2),
                      _fmt(b["threshold"], 3)) for r, b in balance.items()]), ""]
   path = out / "report.md"
-  _atomic_write(path, "\n".join(md))
+  atomic_write(path, "\n".join(md))
   return path
 
 
+def define_flags(values: flags.FlagValues) -> None:
+  """The CLI's flags; the loop's WORKDIR is positional."""
+  flags.DEFINE_string("out_dir", None, "Where to write report.md and its figures (default: "
+                      "WORKDIR/report).", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("workdir", help="the loop's workdir")
-  parser.add_argument("--out_dir", default=None, help="default: WORKDIR/report")
-  args = parser.parse_args(argv)
-  print(os.fspath(write_report(args.workdir, args.out_dir)))
+  """``python -m selfimprove_jax.analysis.report WORKDIR [--out_dir DIR]``; prints the path."""
+  v, (workdir,) = cli.parse(sys.argv[1:] if argv is None else argv, define_flags,
+                            prog="python -m selfimprove_jax.analysis.report",
+                            positional=("WORKDIR",))
+  print(os.fspath(write_report(workdir, v.out_dir)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Sharpening views: the paper's figures and tables as plain numbers, computed from sample tables.
 
-Each function takes rows as ``loop.write_table`` wrote them (a list of dicts; for an eval table
-one ``kind="greedy"`` row and N ``kind="sample"`` rows per prompt, every row scored under the base
-model) and returns plain dicts, lists and NumPy arrays, so plots, reports and notebooks share them.
+Each function takes the rows of an eval table (``tables.EVAL_COLUMNS``: a list of dicts, one
+``kind="greedy"`` row and N ``kind="sample"`` rows per prompt, every row scored under the base
+model; ``COLUMNS`` are the ones read here, and a table missing one fails naming it) and returns
+plain dicts, lists and NumPy arrays, so plots, reports and notebooks share them.
 Expectations over k-subsets are exact (``estimators``); confidence intervals are percentile
 bootstraps over prompts. Definitions: reference/SHARPENING.md. Pure NumPy, no jax.
 
@@ -16,9 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from selfimprove_jax import tables
 from selfimprove_jax.analysis import estimators
 from selfimprove_jax.verifiers.voting import majority_vote
 
+# The eval-table columns the views read.
+COLUMNS = ("kind", "prompt_id", "sample_index", "length", "extracted", "correct", "model_logprob",
+           "base_logprob", "base_mean_logprob", "base_self_certainty")
 # Score-based selectors: name -> base-model column of the eval table (higher = preferred).
 SCORE_SELECTORS = {"logprob": "base_logprob", "mean_logprob": "base_mean_logprob",
                    "self_certainty": "base_self_certainty"}
@@ -31,7 +36,8 @@ Prompt = tuple[Any, dict, list[dict]]  # (prompt_id, greedy row, sample rows by 
 
 
 def _value(row: dict, field: str) -> float:
-  """A numeric column; None (how the loop stores NaN) and a missing column read as NaN."""
+  """A numeric field; None (how tables store NaN) and a missing field (metrics records) read as
+  NaN."""
   v = row.get(field)
   return math.nan if v is None else float(v)
 
@@ -54,6 +60,7 @@ def _by_prompt(eval_rows: Sequence[dict], fn: str) -> list[Prompt]:
                        f"and 'sample' rows")
   if not samples:
     raise ValueError(f"{fn}: eval_rows is empty")
+  tables.require(eval_rows, COLUMNS, fn)
   out = []
   for pid, rows in samples.items():
     if pid not in greedy:
@@ -220,6 +227,7 @@ def logprob_histogram_data(eval_rows: Sequence[dict]) -> dict[str, np.ndarray | 
     {"correct": (Nc,) float64, "wrong": (Nw,) float64, "num_missing": samples without a finite
      base log-prob (left out)}.
   """
+  tables.require(eval_rows, COLUMNS, "logprob_histogram_data")
   correct, wrong, missing = [], [], 0
   for row in eval_rows:
     if row.get("kind") != "sample":

@@ -102,7 +102,7 @@ def batch_sharding(mesh: Mesh, rules: sh.Rules = sh.TRAIN_RULES) -> NamedShardin
   return NamedSharding(mesh, spec)
 
 
-def _trainable_shapes_and_shardings(config: TransformerConfig, mesh: Mesh, rules: sh.Rules,
+def trainable_shapes_and_shardings(config: TransformerConfig, mesh: Mesh, rules: sh.Rules,
                                     lora_config: lora.LoraConfig | None):
   shapes, names = param_shapes(config), param_logical_names(config)
   if lora_config is None:
@@ -125,7 +125,7 @@ def state_shardings(config: TransformerConfig, optimizer: optax.GradientTransfor
   """A ``TrainState`` of ``NamedSharding``s; ``frozen_keys`` name frozen (full-params) trees."""
   bad = [k for k in frozen_keys if k not in FROZEN_KEYS]
   check("frozen_keys", frozen_keys, not bad, f"entries must be in {FROZEN_KEYS}")
-  shapes, shardings = _trainable_shapes_and_shardings(config, mesh, rules, lora_config)
+  shapes, shardings = trainable_shapes_and_shardings(config, mesh, rules, lora_config)
   full = param_shardings(config, mesh, rules)
   return TrainState(step=replicated(mesh), params=shardings,
                     opt_state=opt_state_shardings(optimizer, shapes, shardings, mesh),

@@ -26,21 +26,20 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from selfimprove_jax.loop import rewards, selectors
+from selfimprove_jax.loop.registry import check as _check
+from selfimprove_jax.loop.registry import scheduled
+
 MODEL_SOURCES = ("synthetic", "hf", "native", "preset")
 MODES = ("offline", "online")
 SAMPLE_MODELS = ("current", "base", "both")
-REWARDS = ("logprob", "mean_logprob", "self_certainty", "correct", "majority", "judge")
-REWARD_MODELS = ("base", "current")
+REWARD_MODELS = rewards.MODELS
 JUDGES = ("yes_no", "rubric")
-SELECTIONS = ("top1", "topk", "threshold", "all_correct", "best_worst", "base_pairs", "xpo_pairs",
-              "balance")
-DEDUPS = ("none", "exact", "answer")
 LOSS_OPTIONS = ("aggregation", "chunk_size", "beta", "label_smoothing", "reference", "alpha",
                 "epsilon", "epsilon_high", "old_logprobs", "max_completion_length",
                 "entropy_coef", "mask_truncated")
 OFFLINE_LOSSES = ("sft", "dpo", "sharpen", "xpo")
 PAIR_LOSSES = ("dpo", "sharpen", "xpo")
-PAIR_SELECTIONS = ("best_worst", "base_pairs", "xpo_pairs")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.score = ml_collections.ConfigDict(dict(
-      reward="logprob",  # one of REWARDS
+      reward="logprob",  # a name in rewards.REWARDS (loop/rewards.py)
       reward_model="base",  # self-rewards and the judge use the base or the current model
       batch_size=32,  # sequences per scoring call
       judge=ml_collections.ConfigDict(dict(
@@ -109,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.select = ml_collections.ConfigDict(dict(
-      kind="top1",  # one of SELECTIONS
+      kind="top1",  # a name in selectors.SELECTORS (loop/selectors.py)
       k=0,  # topk: how many; all_correct: at most k per prompt (0 = no cap)
       threshold=float("-inf"),  # threshold: keep reward >= threshold
       threshold_schedule=(),  # optional per-round thresholds (the last entry repeats)
@@ -152,11 +151,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _check(key: str, value: Any, ok: bool, why: str) -> None:
-  if not ok:
-    raise ValueError(f"config.{key}={value!r}: {why}")
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks values and combinations; raises ValueError naming the key and the bad value."""
   _check("model.source", c.model.source, c.model.source in MODEL_SOURCES,
@@ -171,7 +165,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("model.tokenizer", c.model.tokenizer, bool(c.model.tokenizer),
            "model.source='preset' needs a tokenizer path")
   _check("task.num_train", c.task.num_train, c.task.num_train >= 1, "must be >= 1")
-  _check("task.num_eval", c.task.num_eval, c.task.num_eval >= 0, "must be >= 0")
+  _check("task.num_eval", c.task.num_eval, c.task.num_eval >= 1,
+         "must be >= 1: every round ends with the held-out eval (eval.json, summary.json)")
   _check("loop.num_rounds", c.loop.num_rounds, c.loop.num_rounds >= 0, "must be >= 0")
   _check("loop.mode", c.loop.mode, c.loop.mode in MODES, f"must be one of {MODES}")
   _check("loop.prompts_per_round", c.loop.prompts_per_round, c.loop.prompts_per_round >= 1,
@@ -186,37 +181,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.sample.rationalize:
     _check("sample.hint_template", c.sample.hint_template, bool(c.sample.hint_template),
            "sample.rationalize needs a hint template, e.g. '{question} ({answer})'")
-  _check("score.reward", c.score.reward, c.score.reward in REWARDS, f"must be one of {REWARDS}")
+  _check("score.reward", c.score.reward, c.score.reward in rewards.REWARDS,
+         f"must be one of {rewards.REWARDS.names()}")
   _check("score.reward_model", c.score.reward_model, c.score.reward_model in REWARD_MODELS,
          f"must be one of {REWARD_MODELS}")
   _check("score.judge.kind", c.score.judge.kind, c.score.judge.kind in JUDGES,
          f"must be one of {JUDGES}")
-  _check("select.kind", c.select.kind, c.select.kind in SELECTIONS, f"must be one of {SELECTIONS}")
-  _check("select.dedup", c.select.dedup, c.select.dedup in DEDUPS, f"must be one of {DEDUPS}")
+  rule = selectors.SELECTORS.get(c.select.kind)
+  _check("select.dedup", c.select.dedup, c.select.dedup in selectors.DEDUPS,
+         f"must be one of {selectors.DEDUPS}")
   _check("select.k", c.select.k, c.select.k >= 0, "must be >= 0")
-  if c.select.kind == "topk":
-    _check("select.k", c.select.k, c.select.k >= 1, "select.kind='topk' needs k >= 1")
-  if c.select.kind == "balance":
-    _check("select.temperatures", c.select.temperatures, len(c.select.temperatures) >= 1,
-           "select.kind='balance' needs candidate temperatures")
-    _check("select.thresholds", c.select.thresholds, len(c.select.thresholds) >= 1,
-           "select.kind='balance' needs candidate thresholds")
-    _check("select.n_star", c.select.n_star, c.select.n_star >= 1, "must be >= 1")
-  if c.select.kind == "base_pairs":
-    _check("sample.model", c.sample.model, c.sample.model == "base",
-           "select.kind='base_pairs' pairs base samples: set sample.model='base'")
-    _check("sample.num_samples", c.sample.num_samples, c.sample.num_samples % 2 == 0,
-           "select.kind='base_pairs' needs an even number of samples per prompt")
-  if c.select.kind == "xpo_pairs":
-    _check("sample.model", c.sample.model, c.sample.model == "both",
-           "select.kind='xpo_pairs' pairs a current and a base sample: set sample.model='both'")
+  if rule.check is not None:
+    rule.check(c)
   if c.loop.mode == "offline":
     _check("train.loss", c.train.loss, c.train.loss in OFFLINE_LOSSES,
            f"loop.mode='offline' trains with one of {OFFLINE_LOSSES}")
-    pairs = c.select.kind in PAIR_SELECTIONS
-    _check("select.kind", c.select.kind, pairs == (c.train.loss in PAIR_LOSSES),
+    pair_rules = tuple(n for n in selectors.SELECTORS.names() if selectors.SELECTORS.get(n).pairs)
+    _check("select.kind", c.select.kind, rule.pairs == (c.train.loss in PAIR_LOSSES),
            f"train.loss={c.train.loss!r} needs "
-           f"{'a pair selection ' + str(PAIR_SELECTIONS) if not pairs else 'a single-sequence selection'}")
+           f"{'a pair selection ' + str(pair_rules) if not rule.pairs else 'a single-sequence selection'}")
   else:
     _check("train.loss", c.train.loss, c.train.loss == "policy_gradient",
            "loop.mode='online' trains with 'policy_gradient'")
@@ -243,16 +226,17 @@ def loss_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in c.train.loss_options.items() if v is not None}
 
 
-def scheduled(schedule: Any, round_index: int, default: float) -> float:
-  """Entry ``round_index`` (1-based) of a per-round schedule, the last repeating; ``default``
-  when the schedule is empty."""
-  schedule = tuple(schedule)
-  return float(schedule[min(round_index, len(schedule)) - 1]) if schedule else float(default)
-
-
 def temperature(c: ml_collections.ConfigDict, round_index: int) -> float:
   """The sampling temperature of round ``round_index`` (1-based)."""
   return scheduled(c.sample.temperatures, round_index, c.sample.temperature)
+
+
+def sample_temperatures(c: ml_collections.ConfigDict, round_index: int) -> tuple[float, ...]:
+  """The temperatures round ``round_index`` samples at: the selection rule's, or the round's."""
+  rule = selectors.SELECTORS.get(c.select.kind)
+  if rule.temperatures is not None:
+    return tuple(rule.temperatures(c, round_index))
+  return (temperature(c, round_index),)
 
 
 VARIANTS = ("", "smoke")

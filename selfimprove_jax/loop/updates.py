@@ -1,0 +1,170 @@
+"""The update loop both training modes share: state, compiled step, resume, checkpoints, logging.
+
+``train`` runs a round's updates from its start model: it restores the latest train-state
+checkpoint of an interrupted round, runs the remaining steps (each one's batch from the mode's
+``step_batch``), logs every step, checkpoints every ``checkpoint.every_steps`` and at the end, and
+saves the round's params. A restarted round redoes exactly the steps after its checkpoint, so it
+ends bit-identical to an uninterrupted one.
+
+The optimizer and the jitted update step are built once per distinct schedule and kept in
+``Context.caches``: every round of a run with the same step count reuses one compiled step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from selfimprove_jax import sharding as sh
+from selfimprove_jax.checkpoint import trees
+from selfimprove_jax.loop import config as loop_config
+from selfimprove_jax.loop import policies
+from selfimprove_jax.loop.context import Context
+from selfimprove_jax.loop.workdir import Journal
+from selfimprove_jax.training import (TrainState, create_train_state, make_loss, make_optimizer,
+                                      make_schedule, make_update_step, run_step, state_shardings)
+
+# step_batch(i, state) -> (batch, extra): the batch of round step i (0-based) and anything the
+# mode's after_step(i, extra, metrics) needs once the step has run.
+StepBatch = Callable[[int, TrainState], tuple[dict[str, np.ndarray], Any]]
+AfterStep = Callable[[int, Any, dict[str, float]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """What the optimizer of a stage of ``total_steps`` updates depends on (decaying schedules
+  depend on the step count, so a round of another length gets its own)."""
+
+  schedule: str
+  learning_rate: float
+  total_steps: int | None
+  warmup_steps: int
+  max_grad_norm: float
+
+  @classmethod
+  def of(cls, ctx: Context, total_steps: int) -> OptimizerSpec:
+    c = ctx.config.train.optimizer
+    total = max(total_steps, 1) if c.schedule != "constant" else None
+    return cls(c.schedule, c.learning_rate, total, c.warmup_steps, c.max_grad_norm)
+
+
+def optimizer(ctx: Context, total_steps: int):
+  """(optimizer, schedule) for a stage of ``total_steps`` updates, one pair per distinct spec."""
+  spec = OptimizerSpec.of(ctx, total_steps)
+  cache = ctx.caches["optimizer"]
+  if spec not in cache:
+    schedule = make_schedule(spec.schedule, spec.learning_rate, total_steps=spec.total_steps,
+                             warmup_steps=spec.warmup_steps)
+    cache[spec] = (make_optimizer(schedule, max_grad_norm=spec.max_grad_norm or None), schedule)
+  return cache[spec]
+
+
+def update_step(ctx: Context, total_steps: int, frozen_keys: tuple[str, ...]) -> Callable:
+  """The jitted update step (``training.make_update_step``) of the configured loss, compiled once
+  per (optimizer spec, frozen trees)."""
+  key = (OptimizerSpec.of(ctx, total_steps), frozen_keys)
+  cache = ctx.caches["step"]
+  if key not in cache:
+    c = ctx.config.train
+    opt, schedule = optimizer(ctx, total_steps)
+    cache[key] = make_update_step(
+        ctx.train_model, make_loss(c.loss, **loop_config.loss_options(ctx.config)), opt,
+        schedule=schedule,
+        state_shardings=state_shardings(ctx.model_config, opt, ctx.mesh, sh.TRAIN_RULES,
+                                        lora_config=ctx.lora, frozen_keys=frozen_keys),
+        num_microbatches=c.num_microbatches, lora_config=ctx.lora,
+        compute_dtype=c.compute_dtype or None, remat=c.remat or None, mesh=ctx.mesh)
+  return cache[key]
+
+
+def pack(ctx: Context, prompt: list[int], completion: list[int]
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One training sequence of ``seq_len``: (tokens_L, input_mask_L, loss_mask_L), the loss on
+  the completion's tokens only."""
+  L = ctx.seq_len
+  ids = (prompt + completion)[:L]
+  tokens = np.full(L, ctx.tokenizer.pad_id, np.int32)
+  input_mask, loss_mask = np.zeros(L, bool), np.zeros(L, bool)
+  tokens[:len(ids)], input_mask[:len(ids)] = ids, True
+  loss_mask[len(prompt):len(ids)] = True
+  return tokens, input_mask, loss_mask
+
+
+def latest_checkpoint(ctx: Context, r: int) -> int | None:
+  """Steps done at round ``r``'s newest complete train-state checkpoint, if any."""
+  root = ctx.workdir.train_states(r)
+  if not root.exists():
+    return None
+  steps = [int(p.name[5:]) for p in root.iterdir()
+           if p.name.startswith("step_") and trees.exists(p)]
+  return max(steps) if steps else None
+
+
+def _checkpointed(state: TrainState) -> dict[str, Any]:
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+          "rng": jax.random.key_data(state.rng)}
+
+
+def save_state(ctx: Context, journal: Journal, r: int, state: TrainState, step: int) -> None:
+  """Checkpoints round ``r``'s train state after ``step`` steps; older ones are removed."""
+  journal.flush()  # a resume from this checkpoint keeps the records up to it
+  trees.save_tree(ctx.workdir.train_state(r, step), _checkpointed(state),
+                  meta={"round": r, "round_step": step})
+  if ctx.writer:
+    for p in ctx.workdir.train_states(r).iterdir():
+      if p.name.startswith("step_") and p.name != f"step_{step:06d}":
+        p.rmtree()
+
+
+def restore_state(ctx: Context, r: int, state: TrainState, step: int) -> TrainState:
+  """``state`` (fresh, for its structure and shardings) with round ``r``'s checkpoint loaded."""
+  got = trees.restore_tree(ctx.workdir.train_state(r, step), _checkpointed(state),
+                           check=ctx.config.checkpoint.verify)
+  return state.replace(step=got["step"], params=got["params"], opt_state=got["opt_state"],
+                       rng=jax.random.wrap_key_data(got["rng"]))
+
+
+def finish(ctx: Context, r: int, trainable: Any, steps: int) -> None:
+  """Saves round ``r``'s trained tree, keeps its model in memory, drops its train states."""
+  trees.save_tree(ctx.workdir.params(r), trainable, meta={"round": r, "steps": steps})
+  policies.remember(ctx, r, trainable)
+  if ctx.writer and ctx.workdir.train_states(r).exists():
+    ctx.workdir.train_states(r).rmtree()
+
+
+def train(ctx: Context, journal: Journal, r: int, *, start: Any, total: int, desc: str,
+          shown: str, step_batch: StepBatch, after_step: AfterStep | None = None,
+          reference: Any = None, on_resume: Callable[[int], None] | None = None) -> int:
+  """Round ``r``'s ``total`` updates from the params ``start``; returns ``total``.
+
+  ``reference``: frozen reference params for losses with ``reference="params"``.
+  ``on_resume(done)``: called with the steps already done before the first step runs.
+  ``shown``: the metric on the progress bar.
+  """
+  opt, _ = optimizer(ctx, total)
+  state = create_train_state(ctx.model_config, opt, ctx.key(0, "train"), mesh=ctx.mesh,
+                             params=start, lora_config=ctx.lora, reference_params=reference)
+  step_fn = update_step(ctx, total, tuple(state.frozen or {}))
+  done = latest_checkpoint(ctx, r) or 0
+  if done:
+    state = restore_state(ctx, r, state, done)
+  if on_resume is not None:
+    on_resume(done)
+  offset = journal.progress.global_step(r)
+  bar = tqdm.trange(done, total, desc=desc, unit="step", leave=False, disable=not ctx.bars)
+  for i in bar:
+    batch, extra = step_batch(i, state)
+    state, metrics = run_step(step_fn, state, batch)
+    if after_step is not None:
+      after_step(i, extra, metrics)
+    bar.set_postfix({shown: f"{metrics[shown]:.3f}"})
+    journal.log(r, "train", offset + i + 1, metrics, round_step=i + 1)
+    if (i + 1) % ctx.config.checkpoint.every_steps == 0 or i + 1 == total:
+      save_state(ctx, journal, r, state, i + 1)
+  bar.close()
+  finish(ctx, r, state.params, total)
+  return total
