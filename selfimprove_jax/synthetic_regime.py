@@ -8,16 +8,17 @@ regime in which the sharpening paper says self-improvement works (../shared refe
 DEMO_TASK.md). ``pretrain`` and ``measure`` are what the CPU demo builds on.
 
     python -m selfimprove_jax.synthetic_regime                 # ~2-4 min on 2 CPU cores
-    python -m selfimprove_jax.synthetic_regime --corruption drop_carry   # the negative control
+    python -m selfimprove_jax.synthetic_regime --corruption=drop_carry   # the negative control
 
 Shapes: B batch, L = ``seq_len``, P prompt length (BOS + question), M max new tokens,
 N samples per prompt.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,6 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from absl import flags
+
+from selfimprove_jax import cli
 from selfimprove_jax.data import synthetic
 from selfimprove_jax.models import Transformer, TransformerConfig
 from selfimprove_jax.sampling import SamplingParams, generate
@@ -140,17 +144,25 @@ def measure(params: Any, prompts: list[dict], *, model_config: TransformerConfig
                      num_prompts=len(prompts), num_samples=num_samples)
 
 
-def main(argv: list[str] | None = None) -> RegimeStats:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--corruption-rate", type=float, default=0.4)
-  parser.add_argument("--corruption", choices=synthetic.CORRUPTIONS, default="random")
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--learning-rate", type=float, default=2e-3)
-  parser.add_argument("--eval-prompts", type=int, default=200)
-  parser.add_argument("--samples", type=int, default=16)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+def define_flags(values: flags.FlagValues) -> None:
+  """The CLI's flags."""
+  on = dict(flag_values=values)
+  flags.DEFINE_float("corruption_rate", 0.4, "Fraction of pretraining traces with one wrong step.",
+                     lower_bound=0.0, upper_bound=1.0, **on)
+  flags.DEFINE_enum("corruption", "random", list(synthetic.CORRUPTIONS), "How a trace is "
+                    "corrupted ('drop_carry': the negative control).", **on)
+  flags.DEFINE_integer("steps", 400, "Pretraining steps.", lower_bound=1, **on)
+  flags.DEFINE_integer("batch_size", 128, "Pretraining batch size.", lower_bound=1, **on)
+  flags.DEFINE_float("learning_rate", 2e-3, "Pretraining learning rate.", lower_bound=0.0, **on)
+  flags.DEFINE_integer("eval_prompts", 200, "Held-out prompts measured.", lower_bound=1, **on)
+  flags.DEFINE_integer("samples", 16, "T=1 samples per held-out prompt.", lower_bound=1, **on)
+  flags.DEFINE_integer("seed", 0, "Pretraining seed (held-out prompts use seed + 10000).", **on)
+
+
+def main(argv: Sequence[str] | None = None) -> RegimeStats:
+  """Pretrains on noisy traces, measures greedy vs T=1 and log-prob vs correctness, prints them."""
+  args, _ = cli.parse(sys.argv[1:] if argv is None else argv, define_flags,
+                      prog="python -m selfimprove_jax.synthetic_regime")
   task = synthetic.AdditionConfig(corruption_rate=args.corruption_rate, corruption=args.corruption)
   t0 = time.perf_counter()
   params, losses = pretrain(task, steps=args.steps, batch_size=args.batch_size,

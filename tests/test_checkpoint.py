@@ -324,7 +324,7 @@ def test_cli_round_trip(llama, tmp_path, capsys):
   _, _, src = llama
   assert convert.main(["--from", "hf", "--to", "native", "--quiet", str(src), str(tmp_path / "n")]) == 0
   assert (tmp_path / "n" / "tokenizer.json").exists()
-  assert convert.main(["--from", "native", "--to", "hf", "--quiet", "--max-shard-gb", "0.0001",
+  assert convert.main(["--from", "native", "--to", "hf", "--quiet", "--max_shard_gb", "0.0001",
                        str(tmp_path / "n"), str(tmp_path / "h")]) == 0
   assert (tmp_path / "h" / "model.safetensors.index.json").exists()
   a, b = _tensors(src), _tensors(tmp_path / "h")
@@ -353,7 +353,7 @@ def test_cli_rejects_unknown_format(capsys):
   with pytest.raises(SystemExit) as e:
     convert.main(["--from", "gguf", "--to", "hf", "a", "b"])
   assert e.value.code == 2
-  assert "invalid choice: 'gguf'" in capsys.readouterr().err
+  assert "--from=gguf: value should be one of <hf|native>" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ host memory

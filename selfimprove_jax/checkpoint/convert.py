@@ -2,6 +2,7 @@
 
   python -m selfimprove_jax.checkpoint.convert --from hf --to native SRC DST
   python -m selfimprove_jax.checkpoint.convert --from native --to hf SRC DST [--dtype bfloat16]
+      [--max_shard_gb 5] [--overwrite] [--quiet]
 
 SRC and DST may be local paths or gs:// URLs. Tokenizer, chat-template and generation-config files
 in SRC are copied to DST unchanged. Parameters stream through the first local device one tensor at a
@@ -9,28 +10,30 @@ time on import; the native format writes them from there.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
 
+from absl import flags
+
+from selfimprove_jax import cli
 from selfimprove_jax.checkpoint import files, hf, native
 
 FORMATS = ("hf", "native")
+PROG = "python -m selfimprove_jax.checkpoint.convert"
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m selfimprove_jax.checkpoint.convert",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="format of SRC")
-  p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS, help="format of DST")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                 help="parameter dtype of DST (default: float32 from hf, as stored from native)")
-  p.add_argument("--max-shard-gb", type=float, default=hf.DEFAULT_MAX_SHARD_BYTES / 2**30,
-                 help="largest safetensors file written by --to hf, in GiB")
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  p.add_argument("src", help="source checkpoint directory")
-  p.add_argument("dst", help="destination directory (written atomically)")
-  return p
+def define_flags(values: flags.FlagValues) -> None:
+  """The CLI's flags; SRC (the checkpoint directory) and DST (written atomically) are positional."""
+  on = dict(flag_values=values)
+  flags.DEFINE_enum("from", None, FORMATS, "Format of SRC.", **on)
+  flags.DEFINE_enum("to", None, FORMATS, "Format of DST.", **on)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype of DST (default: "
+                    "float32 from hf, as stored from native).", **on)
+  flags.DEFINE_float("max_shard_gb", hf.DEFAULT_MAX_SHARD_BYTES / 2**30,
+                     "Largest safetensors file written by --to=hf, in GiB.", **on)
+  flags.DEFINE_boolean("overwrite", False, "Replace a non-empty DST.", **on)
+  flags.DEFINE_boolean("quiet", False, "No progress bar.", **on)
+  flags.mark_flags_as_required(["from", "to"], flag_values=values)
 
 
 def convert(src_format: str, dst_format: str, src: str, dst: str, *, dtype: str | None = None,
@@ -38,7 +41,7 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, *, dtype: str 
             progress: bool = True) -> str:
   """Converts SRC to DST; returns DST. Raises ValueError / FileNotFoundError on bad arguments."""
   if src_format not in FORMATS or dst_format not in FORMATS:
-    raise ValueError(f"formats must be in {FORMATS}, got --from {src_format!r} --to {dst_format!r}")
+    raise ValueError(f"formats must be in {FORMATS}, got --from={src_format!r} --to={dst_format!r}")
   src_path, dst_path = files.as_path(src), files.as_path(dst)
   if not src_path.is_dir():
     raise FileNotFoundError(f"SRC {src} is not a directory")
@@ -66,18 +69,20 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, *, dtype: str 
                             chat_template=chat, overwrite=overwrite)
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  if args.max_shard_gb <= 0:
-    _parser().error(f"--max-shard-gb={args.max_shard_gb}: must be > 0")
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  v, (src, dst) = cli.parse(sys.argv[1:] if argv is None else argv, define_flags, prog=PROG,
+                            positional=("SRC", "DST"))
+  if v.max_shard_gb <= 0:
+    raise cli.usage_error(PROG, f"--max_shard_gb={v.max_shard_gb}: must be > 0")
   try:
-    out = convert(args.src_format, args.dst_format, args.src, args.dst, dtype=args.dtype,
-                  max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite,
-                  progress=not args.quiet)
+    out = convert(v["from"].value, v.to, src, dst, dtype=v.dtype,
+                  max_shard_bytes=int(v.max_shard_gb * 2**30), overwrite=v.overwrite,
+                  progress=not v.quiet)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {args.dst_format} checkpoint to {out}")
+  print(f"wrote {v.to} checkpoint to {out}")
   return 0
 
 
