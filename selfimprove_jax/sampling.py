@@ -20,7 +20,8 @@ import numpy as np
 
 from selfimprove_jax import multihost
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.models.transformer import CACHE_KV_AXES, CACHE_POS_AXES, KVCache, init_cache
+from selfimprove_jax.models.transformer import (CACHE_KV_AXES, CACHE_POS_AXES, KVCache, init_cache,
+                                                variables as model_variables)
 from selfimprove_jax.scoring import token_logprobs
 
 FINISH_STOP = 0  # a stop token was generated (it is included in the completion)
@@ -179,12 +180,13 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
   N, M = num_samples, max_new_tokens
   R = B * N
   mesh, rules = model.mesh, model.rules
-  variables = {"params": params}
+  variables = model_variables(params)
 
   cache = init_cache(model.config, B, P + M, mesh=mesh, rules=rules)
   # Positions default to counting the real tokens of the mask, i.e. 0 at each prompt's first token.
+  # The prefill attends over the prompt's P slots only, not the whole cache.
   hidden_BxPxD, cache = model.apply(variables, prompt_BxP, None, prompt_mask_BxP,
-                                    cache=cache, return_hidden=True)
+                                    cache=cache, return_hidden=True, prefill=True)
   # Only the last position's logits are needed: never project the whole prompt onto the vocab.
   logits_BxV = model.apply(variables, hidden_BxPxD[:, -1:], method="logits")[:, 0]
   logits_RxV = jnp.repeat(logits_BxV, N, axis=0)

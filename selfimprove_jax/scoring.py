@@ -35,6 +35,13 @@ from tqdm.auto import tqdm
 from selfimprove_jax import multihost
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models.transformer import Transformer, positions_from_mask
+from selfimprove_jax.models.transformer import variables as model_variables
+
+
+# Positions projected onto the vocabulary at once by default: B x 512 x V float32 logits at a
+# time (0.5 GiB per row of a 256k vocabulary) whatever the sequence length; shorter sequences are
+# one chunk, which costs nothing extra.
+DEFAULT_CHUNK = 512
 
 
 @flax.struct.dataclass
@@ -42,10 +49,12 @@ class Scores:
   """Teacher-forced scores of a batch; per-token fields are 0 where the token is not scored.
 
   token_logprobs_BxL: log p(tokens[t] | tokens[<t]) in nats, float32.
-  token_entropy_BxL: entropy (nats) of the predictive distribution that scored tokens[t].
+  token_entropy_BxL: entropy (nats) of the predictive distribution that scored tokens[t]; None
+    when not asked for (``score(..., entropy=False)``).
   sum_logprob_B: sum of token log-probs over scored tokens (log p(completion | prompt)).
   mean_logprob_B: sum_logprob_B / num_tokens_B (0 for a row with no scored token).
-  self_certainty_B: mean over scored tokens of KL(U || p) (0 for a row with no scored token).
+  self_certainty_B: mean over scored tokens of KL(U || p) (0 for a row with no scored token);
+    None when not asked for.
   num_tokens_B: number of scored tokens, int32.
   """
 
@@ -62,6 +71,13 @@ class Scores:
 def round_up(n: int, multiple: int) -> int:
   """The least multiple of ``multiple`` >= ``n``: padded lengths and batch sizes."""
   return -(-n // multiple) * multiple
+
+
+def length_bucket(n: int, minimum: int = 16) -> int:
+  """The padded length of ``n`` tokens: the least power of two >= max(n, minimum). Batches of
+  any lengths then compile about log2(longest) shapes, and a run whose lengths stay under its
+  first bucket compiles one."""
+  return 1 << (max(n, minimum, 1) - 1).bit_length()
 
 
 def _log_softmax(logits_xV: jax.Array) -> jax.Array:
@@ -135,15 +151,19 @@ def completion_batch(prompt_BxP: jax.Array, prompt_mask_BxP: jax.Array, completi
 # ------------------------------------------------------------------------------ the scorer
 
 def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL: jax.Array,
-          loss_mask_BxL: jax.Array, *, chunk_size: int | None = None) -> Scores:
+          loss_mask_BxL: jax.Array, *, chunk_size: int | None = DEFAULT_CHUNK,
+          entropy: bool = True, self_certainty: bool = True) -> Scores:
   """Teacher-forced scores of ``tokens_BxL`` under ``params`` (see the module docstring).
 
   Args:
     model: the ``Transformer``; its mesh and rules place the activations.
-    params: the parameter tree (without the ``{"params": ...}`` wrapper).
+    params: the parameter tree (without the ``{"params": ...}`` wrapper), or a
+      ``models.LoraParams``.
     tokens_BxL, input_mask_BxL, loss_mask_BxL: the batch convention of this module.
     chunk_size: positions projected onto the vocabulary at once (None: all L). A size that does
       not divide L is fine: the last chunk is padded with unscored positions.
+    entropy, self_certainty: also compute these (each a pass over every vocabulary entry);
+      when False their fields are None. A log-prob alone reads one entry per position.
   Returns:
     ``Scores``; per-token fields (B, L), the rest (B,).
   """
@@ -160,7 +180,7 @@ def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL
   def constrain(x, names):
     return sh.constrain(x, names, model.mesh, model.rules)
 
-  variables = {"params": params}
+  variables = model_variables(params)
   input_mask_BxL = input_mask_BxL.astype(bool)
   # Padding ids may be anything (e.g. -1); the embedding lookup and the gather need valid ones.
   tokens_BxL = jnp.where(input_mask_BxL, tokens_BxL, 0).astype(jnp.int32)
@@ -179,7 +199,9 @@ def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL
     prev_BxKxD = constrain(prev_BxKxD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     logits_BxKxV = model.apply(variables, prev_BxKxD, method=Transformer.logits)
     logp_BxKxV = _log_softmax(logits_BxKxV)
-    stats = (_gather(logp_BxKxV, targets_BxK), _entropy(logp_BxKxV), _self_certainty(logp_BxKxV))
+    stats = [_gather(logp_BxKxV, targets_BxK)]
+    stats += [_entropy(logp_BxKxV)] if entropy else []
+    stats += [_self_certainty(logp_BxKxV)] if self_certainty else []
     return tuple(constrain(s, (sh.BATCH, sh.LENGTH)) for s in stats)
 
   if N == 1:
@@ -188,9 +210,11 @@ def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL
     per_chunk = tuple(s[None] for s in chunk((prev_NxBxKxD[0], targets_NxBxK[0])))
   else:
     per_chunk = jax.lax.map(jax.checkpoint(chunk), (prev_NxBxKxD, targets_NxBxK))
-  logp_BxL, entropy_BxL, certainty_BxL = (
-      constrain(jnp.swapaxes(s_NxBxK, 0, 1).reshape(B, N * K)[:, :L], (sh.BATCH, sh.LENGTH))
-      for s_NxBxK in per_chunk)
+  per_token = [constrain(jnp.swapaxes(s_NxBxK, 0, 1).reshape(B, N * K)[:, :L], (sh.BATCH, sh.LENGTH))
+               for s_NxBxK in per_chunk]
+  logp_BxL = per_token.pop(0)
+  entropy_BxL = per_token.pop(0) if entropy else None
+  certainty_BxL = per_token.pop(0) if self_certainty else None
 
   zero = jnp.zeros((), jnp.float32)
   logp_BxL = jnp.where(scored_BxL, logp_BxL, zero)
@@ -199,20 +223,22 @@ def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL
   sum_logprob_B = jnp.sum(logp_BxL, axis=-1)
   return Scores(
       token_logprobs_BxL=logp_BxL,
-      token_entropy_BxL=jnp.where(scored_BxL, entropy_BxL, zero),
+      token_entropy_BxL=None if entropy_BxL is None else jnp.where(scored_BxL, entropy_BxL, zero),
       sum_logprob_B=sum_logprob_B,
       mean_logprob_B=sum_logprob_B / denom_B,
-      self_certainty_B=jnp.sum(jnp.where(scored_BxL, certainty_BxL, zero), axis=-1) / denom_B,
+      self_certainty_B=None if certainty_BxL is None else
+      jnp.sum(jnp.where(scored_BxL, certainty_BxL, zero), axis=-1) / denom_B,
       num_tokens_B=num_tokens_B,
   )
 
 
 # Linen modules are hashable (by config, mesh and rules), so the model itself is a static argument.
-score_jit = jax.jit(score, static_argnames=("model", "chunk_size"))
+score_jit = jax.jit(score, static_argnames=("model", "chunk_size", "entropy", "self_certainty"))
 
 
 def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mask_SxL: Any,
-                     loss_mask_SxL: Any, *, batch_size: int, chunk_size: int | None = None,
+                     loss_mask_SxL: Any, *, batch_size: int,
+                     chunk_size: int | None = DEFAULT_CHUNK,
                      progress: bool = False) -> Scores:
   """Scores many sequences with ``score_jit`` in batches of ``batch_size`` (one compilation).
 

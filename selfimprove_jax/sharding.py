@@ -53,15 +53,13 @@ TRAIN_RULES: Rules = (
     (KV_HEADS, TENSOR),
 )
 
-# Sampling: no optimizer state and many small steps, so parameters are not gathered per step:
-# replicated over data/fsdp, split only over tensor. The KV cache follows batch and kv_heads.
-SAMPLE_RULES: Rules = (
-    (BATCH, (DATA, FSDP)),
-    (VOCAB, TENSOR),
-    (MLP, TENSOR),
-    (HEADS, TENSOR),
-    (KV_HEADS, TENSOR),
-)
+# Sampling and scoring: the same table. Every weight stays sharded, so an 8B model samples on
+# 16 GiB chips. On a mesh with an fsdp axis, though, XLA hoists the weight all-gathers out of the
+# decode loop (the weights do not change between steps) and holds the whole gathered model at
+# once; ``sampling_mesh`` folds the fsdp axis into the tensor axis, which splits the weights over
+# the same chips and never gathers them. The KV cache follows batch (data x fsdp) and kv_heads
+# (tensor).
+SAMPLE_RULES: Rules = TRAIN_RULES
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
@@ -101,6 +99,20 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
                      f"have {len(devices)}")
   device_grid = np.asarray(devices, dtype=object).reshape(sizes)
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def sampling_mesh(mesh: Mesh) -> Mesh:
+  """``mesh``'s devices with its fsdp axis folded into the tensor axis: (data, 1, fsdp x tensor).
+
+  Under ``SAMPLE_RULES`` the weights are then split over every chip of a data replica (heads,
+  MLP and vocabulary over tensor) and never gathered: the layout for decoding, whose steps would
+  otherwise gather every layer each step or, hoisted out of the loop, all layers at once.
+  """
+  d, f, t = (mesh.shape[a] for a in MESH_AXES)
+  if f == 1:
+    return mesh
+  return Mesh(mesh.devices.reshape(d, 1, f * t), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:

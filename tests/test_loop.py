@@ -101,6 +101,26 @@ def test_lora_rounds_save_adapters_and_sample_from_the_merged_model(tmp_path, sm
   assert all(moved[p] == 0 for p in set(moved) - targeted)  # and nothing else
 
 
+def test_fsdp_mesh_samples_on_the_folded_mesh_under_lora(tmp_path, smoke_base):
+  """Training on data=4 x fsdp=2, sampling and scoring on data=4 x tensor=2 (sample.mesh='tensor'):
+  the weights stay split, never gathered; LoRA's adapters follow to the sampling mesh each RL
+  step and train."""
+  config = method_config("grpo", **{"mesh.fsdp": 2, "train.lora.rank": 4, "loop.num_rounds": 1,
+                                    "train.optimizer.learning_rate": 1e-2})
+  run = loop.Loop(config, fresh_workdir(tmp_path, smoke_base), progress_bars=False)
+  assert dict(run.ctx.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert dict(run.ctx.sample_mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  from selfimprove_jax.loop import rollouts
+  sampled = rollouts.for_sampling(run.ctx, run.base_params)
+  kernel = sampled["layers_0"]["mlp"]["up_proj"]
+  assert kernel.sharding.mesh.shape["tensor"] == 2 and kernel.sharding.spec[-1] == "tensor"
+  assert rollouts.for_sampling(run.ctx, run.base_params) is sampled  # one copy per model
+  run.run()
+  adapters = _restore(run.ctx.workdir.params(1))
+  assert any(np.abs(np.asarray(x)).max() > 0 for path, x in
+             jax.tree_util.tree_flatten_with_path(adapters)[0] if "lora_b" in str(path))
+
+
 def test_selection_semantics_in_tables(tmp_path, smoke_base):
   """What each selection writes: top-1 by base log-prob; pairs of base samples; all-correct."""
   workdir = fresh_workdir(tmp_path, smoke_base)

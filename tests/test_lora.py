@@ -11,7 +11,7 @@ import pytest
 from selfimprove_jax import scoring, training
 from selfimprove_jax.checkpoint import load_hf, save_hf
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.models import (TINY, Transformer, param_logical_names, param_shapes,
+from selfimprove_jax.models import (TINY, LoraParams, Transformer, param_logical_names, param_shapes,
                                     tiny_config)
 from selfimprove_jax.training import lora
 from tests.test_training import random_params
@@ -138,3 +138,52 @@ def test_lora_state_holds_only_adapters(base):
   assert n_adapter_leaves == 2 * 4 * CFG.num_layers
   # Two Adam moments per adapter leaf, plus scalar counts: nothing of the base's size.
   assert sum(x.ndim > 0 for x in jax.tree.leaves(state.opt_state)) == 2 * n_adapter_leaves
+
+
+def test_lora_params_apply_the_adapters_inside_the_layers(base, adapters):
+  """x·W + s·(x·A)·B in every projection equals the merged model, values and adapter gradients."""
+  adapters = _with_random_b(adapters)
+  tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 9))
+  mask = np.ones((2, 9), bool)
+  model = Transformer(CFG)
+
+  def total(params):
+    return jnp.sum(scoring.score(model, params, tokens, mask, mask).sum_logprob_B)
+
+  merged = lambda ad: lora.merge(base, ad, ALL)
+  inside = lambda ad: LoraParams(base=base, adapters=ad, scale=ALL.scale)
+  np.testing.assert_allclose(total(inside(adapters)), total(merged(adapters)), rtol=1e-5)
+  assert abs(float(total(inside(adapters)) - total(base))) > 0.1  # the adapters matter
+  got = jax.grad(lambda ad: total(inside(ad)))(adapters)
+  want = jax.grad(lambda ad: total(merged(ad)))(adapters)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_lora_update_step_forms_no_full_size_kernel(base):
+  """The LoRA step's program has no matmul whose result is the size of an adapted kernel: no
+  merged weight, no full-size weight gradient (only A's and B's)."""
+  opt = training.make_optimizer(1e-3)
+  state = training.create_train_state(CFG, opt, jax.random.key(0), params=base, lora_config=ALL)
+  step = training.make_update_step(Transformer(CFG), training.make_loss("sft"), opt, schedule=1e-3,
+                                   lora_config=ALL)
+  B, L = 3, 7  # B * L rows match no kernel dim
+  tokens = np.random.default_rng(0).integers(1, CFG.vocab_size, (B, L)).astype(np.int32)
+  batch = {"tokens_BxL": tokens, "input_mask_BxL": np.ones((B, L), bool),
+           "loss_mask_BxL": np.ones((B, L), bool)}
+  text = step.jitted.lower(state.replace(frozen=None), state.frozen, batch, state.rng,
+                           np.float32(1e-3)).as_text()
+  results = {tuple(int(d) for d in m.split("x")[:-1])
+             for m in re.findall(r"stablehlo.dot_general.*-> tensor<([0-9x]+[a-z0-9]+)>", text)}
+  kernels = set()
+  for path, w in jax.tree_util.tree_flatten_with_path(base)[0]:
+    if re.fullmatch(ALL.targets, "/".join(k.key for k in path)):
+      n_in = lora.num_input_dims(NAMES_BY_PATH["/".join(k.key for k in path)])
+      kernels |= {w.shape, (int(np.prod(w.shape[:n_in])), int(np.prod(w.shape[n_in:])))}
+  assert results and not results & kernels, sorted(results & kernels)
+  _, metrics = training.run_step(step, state, batch)
+  assert np.isfinite(metrics["loss"])
+
+
+NAMES_BY_PATH = {"/".join(k.key for k in p): n for p, n in jax.tree_util.tree_flatten_with_path(
+    NAMES, is_leaf=lambda x: isinstance(x, tuple))[0]}

@@ -1,5 +1,6 @@
 """Behaviour of the transformer for the tiny variant of every family (8 fake CPU devices)."""
 import dataclasses
+import re
 
 import chex
 import jax
@@ -94,7 +95,8 @@ def test_param_shardings_follow_rules_literally(mesh):
 
 
 @pytest.mark.parametrize("use_mesh", [False, True], ids=["single", "mesh"])
-def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh):
+@pytest.mark.parametrize("prefill_flag", [False, True], ids=["prefill_over_cache", "prefill_only"])
+def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh, prefill_flag):
   cfg, params = family_setup
   if cfg.rope_scaling.kind == "longrope":
     # Crossing longrope's switch point re-rotates every position in a full forward but not the keys
@@ -108,7 +110,8 @@ def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh):
   full = np.asarray(_forward(cfg, params, tokens, positions, mask))
 
   model = Transformer(cfg, m, sh.SAMPLE_RULES)
-  step = jax.jit(lambda p, t, pos, msk, c: model.apply({"params": p}, t, pos, msk, cache=c))
+  step = jax.jit(lambda p, t, pos, msk, c, first=False: model.apply(
+      {"params": p}, t, pos, msk, cache=c, prefill=first), static_argnames="first")
   cache = init_cache(cfg, len(tokens), T + 4, mesh=m)
   P = jax.sharding.PartitionSpec
   kv_spec = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None))
@@ -116,7 +119,9 @@ def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh):
     assert all(k.sharding.is_equivalent_to(kv_spec, 4) for k in cache.k + cache.v)
     assert cache.pos.sharding.spec == P(("data", "fsdp"), None)
   prefill = 6
-  logits, cache = step(params, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache)
+  # The first call fills an empty cache: with prefill=True its tokens attend over themselves only.
+  logits, cache = step(params, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache,
+                       first=prefill_flag)
   chunks = [np.asarray(logits)]
   for t in range(prefill, T):
     logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
@@ -126,6 +131,43 @@ def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh):
     assert all(k.sharding.is_equivalent_to(kv_spec, 4) for k in cache.k + cache.v), "decoding moved the cache"
   decoded = np.concatenate(chunks, axis=1)
   np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5, rtol=0)
+
+
+def test_prefill_attends_over_the_prompt_slots_only():
+  """A prefill of 6 tokens into a 40-slot cache multiplies over its 6 keys, not all 40 slots."""
+  cfg = TINY["llama3"]
+  params = init_params(cfg, jax.random.key(0))
+  model = Transformer(cfg)
+  tokens = jnp.ones((2, 6), jnp.int32)
+  over_all_slots = {}
+  for prefill in (False, True):
+    text = jax.jit(lambda p, c: model.apply({"params": p}, tokens, cache=c, prefill=prefill)).lower(
+        params, init_cache(cfg, 2, 40)).as_text()
+    dims = [[int(d) for d in s.split("x")] for s in
+            re.findall(r"stablehlo.dot_general.*-> tensor<([0-9x]+)x[a-z]+[0-9]*>", text)]
+    over_all_slots[prefill] = any(40 in d for d in dims)
+  assert over_all_slots == {False: True, True: False}
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma2"])  # plain; soft-capped with local layers
+def test_attention_in_query_blocks_equals_one_block(family):
+  """Blocks of 5 queries (T = 16: the last block padded) give the values and gradients of one
+  block of all 16: blocking bounds memory without changing a number."""
+  cfg = TINY[family]
+  params = init_params(cfg, jax.random.key(0))
+  tokens, positions, mask = _batch(cfg)
+
+  def run(block):
+    model = Transformer(cfg.replace(attention_block=block))
+    f = lambda p: model.apply({"params": p}, tokens, positions, mask)[0]
+    loss = lambda p: jnp.sum(jnp.where(mask[..., None], f(p), 0.0) ** 2) * 1e-3
+    return jax.jit(f)(params), jax.jit(jax.grad(loss))(params)
+
+  (one, grad_one), (blocked, grad_blocked) = run(T), run(5)
+  np.testing.assert_allclose(np.asarray(blocked)[mask], np.asarray(one)[mask], atol=1e-5, rtol=0)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grad_blocked)[0],
+                          jax.tree.leaves(grad_one)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
 def test_causality_by_gradient(family_setup):

@@ -30,7 +30,7 @@ class CountingStub(nn.Module):
   mesh: object = None
   rules: object = sh.SAMPLE_RULES
 
-  def __call__(self, tokens, positions, input_mask, cache, return_hidden=True):
+  def __call__(self, tokens, positions, input_mask, cache, return_hidden=True, prefill=False):
     B, T = tokens.shape
     if positions is None:
       positions = positions_from_mask(input_mask)

@@ -65,10 +65,11 @@ def test_make_mesh_rejects_bad_shapes_naming_them(shape, message):
 
 # id: (logical names, shape, rules, expected spec on the 2x2x2 mesh)
 SPECS_2X2X2 = {
-    # Params: embed over fsdp, vocab over tensor (train); embed replicated when sampling.
+    # Params: embed over fsdp, vocab over tensor, for training and sampling alike (sampling keeps
+    # the training layout: an 8B model's weights stay sharded, nothing is resharded in between).
     "train_vocab_embed": (("vocab", "embed"), (256, 64), sh.TRAIN_RULES, P("tensor", "fsdp")),
     "train_embed_vocab": (("embed", "vocab"), (64, 256), sh.TRAIN_RULES, P("fsdp", "tensor")),
-    "sample_vocab_embed": (("vocab", "embed"), (256, 64), sh.SAMPLE_RULES, P("tensor", None)),
+    "sample_vocab_embed": (("vocab", "embed"), (256, 64), sh.SAMPLE_RULES, P("tensor", "fsdp")),
     # Batch claims two mesh axes: a tuple entry.
     "batch_two_axes": (("batch", "length", "act_embed"), (8, 16, 64), sh.TRAIN_RULES,
                        P(("data", "fsdp"), None, None)),
@@ -184,9 +185,10 @@ def test_assert_sharded_as_rules_names_the_misplaced_leaf(mesh, sharded_params):
   with pytest.raises(AssertionError, match=re.escape("['params']['table']")) as err:
     sh.assert_sharded_as_rules(bad, names, mesh, sh.TRAIN_RULES)
   assert "['params']['proj']" not in str(err.value)
-  # The sampling rules replicate embed, so the rule-placed table is wrong for them too.
+  # Rules that replicate embed find the rule-placed table misplaced too.
+  replicate_embed = tuple(r for r in sh.TRAIN_RULES if r[0] != sh.EMBED)
   with pytest.raises(AssertionError, match=re.escape("['params']['table']")):
-    sh.assert_sharded_as_rules(params, names, mesh, sh.SAMPLE_RULES)
+    sh.assert_sharded_as_rules(params, names, mesh, replicate_embed)
 
 
 # --- a sharded jitted step in a Python loop ------------------------------------------------------

@@ -224,16 +224,21 @@ def test_lora_grpo_on_mesh_trains_adapters_and_keeps_state_on_non_finite_loss(pa
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(params):
-  """Compile-free: the lowered step multiplies only in bfloat16 and returns float32 params."""
+  """Compile-free: the lowered step multiplies only bfloat16 operands (the vocabulary projection
+  accumulates into float32 logits) and returns float32 params."""
   model = Transformer(CFG.replace(dtype="bfloat16"))
   step = training.make_update_step(model, training.make_loss("sft"), OPTIMIZER, schedule=SCHEDULE,
                                    compute_dtype="bfloat16")
   state = _fresh_state(params)
-  lowered = step.jitted.lower(state.replace(frozen=None), None, _batch(), state.rng)
+  lowered = step.jitted.lower(state.replace(frozen=None), None, _batch(), state.rng,
+                              np.float32(1e-2))
   dots = re.findall(r"stablehlo.dot_general.*", lowered.as_text())
   assert len(dots) > 20  # forward and backward of two layers and the vocabulary projection
-  not_bf16 = [d for d in dots if re.search(r"tensor<[0-9x]*f32>", d.split(" : ")[-1])]
+  operands = lambda d: d.split(" : ")[-1].split(" -> ")[0]
+  not_bf16 = [d for d in dots if re.search(r"tensor<[0-9x]*f32>", operands(d))]
   assert not not_bf16, not_bf16[:2]
+  f32_results = [d for d in dots if re.search(r"-> tensor<[0-9x]*f32>", d)]
+  assert f32_results  # the logits
   out_state, _ = lowered.out_info
   assert {x.dtype for x in jax.tree.leaves(out_state.params)} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}

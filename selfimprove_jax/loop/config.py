@@ -27,12 +27,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from selfimprove_jax.loop import rewards, selectors
+from selfimprove_jax.training import remat as remat_lib
 from selfimprove_jax.loop.registry import check as _check
 from selfimprove_jax.loop.registry import scheduled
 
 MODEL_SOURCES = ("synthetic", "hf", "native", "preset")
 MODES = ("offline", "online")
 SAMPLE_MODELS = ("current", "base", "both")
+SAMPLE_MESHES = ("tensor", "train")
 REWARD_MODELS = rewards.MODELS
 JUDGES = ("yes_no", "rubric")
 LOSS_OPTIONS = ("aggregation", "chunk_size", "beta", "label_smoothing", "reference", "alpha",
@@ -53,7 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
       preset="",  # source=preset: a name for models.get_preset (random weights)
       checkpoint="",  # source=hf | native: a directory, local or gs://
       tokenizer="",  # source=preset: a tokenizer file or directory
-      dtype="float32",  # parameter and activation dtype: float32 | bfloat16
+      # Compute dtype: float32 | bfloat16. Full fine-tuning keeps float32 master weights and
+      # optimizer moments whatever it is; a frozen LoRA base and the sampling / scoring copies of a
+      # model are stored in it.
+      dtype="float32",
       # source=synthetic: the model of synthetic_regime, pretrained here (cached in the workdir).
       synthetic=ml_collections.ConfigDict(dict(
           embed_dim=128, num_layers=4, num_heads=4, head_dim=32, mlp_dim=512,
@@ -92,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
       top_p=1.0,
       max_new_tokens=48,
       batch_size=16,  # prompts per generate call
+      # Where sampling and scoring run: "tensor" folds the mesh's fsdp axis into its tensor axis
+      # (weights split over the same chips, never gathered; see sharding.sampling_mesh), "train"
+      # keeps the training mesh (an fsdp axis then gathers the whole model inside the sampler).
+      mesh="tensor",
       rationalize=False,  # STaR: resample failed prompts with the answer as a hint
       hint_template="",  # str.format template over the example's fields, e.g. "{question} ({answer})"
   ))
@@ -133,8 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
       optimizer=ml_collections.ConfigDict(dict(
           learning_rate=1e-4, schedule="constant", warmup_steps=0, max_grad_norm=1.0)),
       num_microbatches=1,
-      remat="",  # "" or a training.remat policy name
-      compute_dtype="",  # "" keeps the param dtype
+      # Per-layer rematerialization: "auto" = "full" for models of >= 100M parameters (activation
+      # memory dominates there) and none below (recomputing a CPU-sized model only costs time);
+      # "" = none; or a training.remat policy name.
+      remat="auto",
+      compute_dtype="",  # the update step's forward dtype; "" = model.dtype
       lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="attention")),  # rank 0: full
       advantage=ml_collections.ConfigDict(dict(estimator="grpo", scale="group")),  # online RL
       reference="base",  # DPO/KL reference: base | round_start (the model the round starts from)
@@ -173,6 +185,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "must be >= 1")
   _check("sample.model", c.sample.model, c.sample.model in SAMPLE_MODELS,
          f"must be one of {SAMPLE_MODELS}")
+  _check("sample.mesh", c.sample.mesh, c.sample.mesh in SAMPLE_MESHES,
+         f"must be one of {SAMPLE_MESHES}")
   _check("sample.num_samples", c.sample.num_samples, c.sample.num_samples >= 1, "must be >= 1")
   for t in (c.sample.temperature, *c.sample.temperatures, *c.select.temperatures):
     _check("sample.temperature", t, t >= 0, "temperatures must be >= 0")
@@ -211,6 +225,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check("train.steps", c.train.steps, c.train.steps >= 1, "must be >= 1")
   _check("train.batch_size", c.train.batch_size, c.train.batch_size >= 1, "must be >= 1")
   _check("train.lora.rank", c.train.lora.rank, c.train.lora.rank >= 0, "must be >= 0 (0 = full)")
+  _check("train.remat", c.train.remat, c.train.remat in ("auto", "", *remat_lib.POLICIES),
+         f"must be 'auto', '' or one of {sorted(remat_lib.POLICIES)}")
   _check("train.reference", c.train.reference, c.train.reference in ("base", "round_start"),
          "must be 'base' or 'round_start'")
   _check("eval.num_samples", c.eval.num_samples, c.eval.num_samples >= 1, "must be >= 1")
@@ -224,6 +240,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def loss_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """The loss options that are set (placeholders left at None are the loss's own defaults)."""
   return {k: v for k, v in c.train.loss_options.items() if v is not None}
+
+
+REMAT_AUTO_PARAMS = 100_000_000
+
+
+def remat_policy(c: ml_collections.ConfigDict, num_params: int) -> str | None:
+  """The update step's per-layer remat policy for a model of ``num_params`` parameters."""
+  if c.train.remat == "auto":
+    return "full" if num_params >= REMAT_AUTO_PARAMS else None
+  return c.train.remat or None
 
 
 def temperature(c: ml_collections.ConfigDict, round_index: int) -> float:

@@ -52,9 +52,14 @@ class Prompts:
 class Context:
   """A run's fixed parts.
 
-  ``sample_model`` and ``train_model`` are the same weights under the sampling and training
-  sharding rules; params are kept in the training layout. ``seq_len`` is the padded training
-  length L. ``caches`` holds round models and compiled steps (see ``policies``, ``updates``).
+  ``train_model`` runs on ``mesh``; ``sample_model`` (sampling, scoring, judging) on
+  ``sample_mesh``, the same devices with the fsdp axis folded into tensor by default
+  (``sample.mesh``). ``score_lengths``: the (prompt, completion) lengths every
+  scoring call pads to, so scoring compiles once per run. ``model_config.dtype`` is the compute
+  dtype and
+  ``param_dtype`` the stored one: float32 master weights for full fine-tuning, the compute dtype
+  for a frozen LoRA base. ``seq_len`` is the padded training length L. ``caches`` holds round
+  models, compute-dtype copies and compiled steps (``policies``, ``rollouts``, ``updates``).
   """
 
   config: ml_collections.ConfigDict
@@ -62,6 +67,7 @@ class Context:
   writer: bool
   progress_bars: bool
   mesh: Mesh
+  sample_mesh: Mesh
   task: Task
   train_examples: list[dict]
   eval_examples: list[dict]
@@ -72,11 +78,12 @@ class Context:
   train_model: Transformer
   encode: Callable[[dict], list[int]]
   seq_len: int
+  score_lengths: tuple[int, int]
   lora: lora.LoraConfig | None
   prompt_stream: grain.MapDataset
   checkpoint_params: Any = None  # model.source=hf | native: the loaded base
-  caches: dict[str, dict] = dataclasses.field(
-      default_factory=lambda: {"policy": {}, "optimizer": {}, "step": {}})
+  caches: dict[str, Any] = dataclasses.field(
+      default_factory=lambda: {"policy": {}, "optimizer": {}, "step": {}, "sampling": {}})
 
   @property
   def bars(self) -> bool:
@@ -121,6 +128,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | Any, *,
   wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
   check_workdir(wd, config)
   mesh = sh.make_mesh(dict(config.mesh))
+  sample_mesh = sh.sampling_mesh(mesh) if config.sample.mesh == "tensor" else mesh
   shards = mesh.shape[sh.DATA] * mesh.shape[sh.FSDP]
   if config.loop.prompts_per_round % jax.process_count():
     raise ValueError(f"config.loop.prompts_per_round={config.loop.prompts_per_round}: must be a "
@@ -134,7 +142,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | Any, *,
                      f"{config.train.num_microbatches} times the mesh's {shards} batch shards "
                      f"(data x fsdp)")
   task, train_examples, eval_examples = _load_task(config)
-  model_config, tokenizer, chat_family, params = _load_model(config, mesh)
+  c = config.train.lora
+  lora_config = None if c.rank == 0 else lora.LoraConfig(
+      rank=c.rank, alpha=c.alpha, targets=_LORA_TARGETS.get(c.targets, c.targets))
+  model_config, tokenizer, chat_family, params = _load_model(config, mesh, lora_config is None)
   encode = pipeline.prompt_encoder(task, tokenizer, shots=config.task.shots, family=chat_family)
   longest = max(len(encode(e)) for e in train_examples + eval_examples)
   max_new = max(config.sample.max_new_tokens, config.eval.max_new_tokens)
@@ -142,16 +153,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | Any, *,
   if longest + config.sample.max_new_tokens > seq_len:
     raise ValueError(f"config.train.max_len={seq_len}: prompts of up to {longest} tokens plus "
                      f"sample.max_new_tokens={config.sample.max_new_tokens} do not fit")
-  c = config.train.lora
-  lora_config = None if c.rank == 0 else lora.LoraConfig(
-      rank=c.rank, alpha=c.alpha, targets=_LORA_TARGETS.get(c.targets, c.targets))
   return Context(
       config=config, workdir=wd, writer=multihost.is_writer(), progress_bars=progress_bars,
-      mesh=mesh, task=task, train_examples=train_examples, eval_examples=eval_examples,
+      mesh=mesh, sample_mesh=sample_mesh, task=task, train_examples=train_examples,
+      eval_examples=eval_examples,
       model_config=model_config, tokenizer=tokenizer, chat_family=chat_family,
-      sample_model=Transformer(model_config, mesh, sh.SAMPLE_RULES),
+      sample_model=Transformer(model_config, sample_mesh, sh.SAMPLE_RULES),
       train_model=Transformer(model_config, mesh, sh.TRAIN_RULES), encode=encode,
       seq_len=seq_len, lora=lora_config, checkpoint_params=params,
+      score_lengths=(scoring.length_bucket(longest), scoring.length_bucket(max_new)),
       prompt_stream=pipeline.global_batches(len(train_examples),
                                             batch_size=config.loop.prompts_per_round,
                                             seed=config.seed))
@@ -180,26 +190,33 @@ def _load_task(config: ml_collections.ConfigDict) -> tuple[Task, list[dict], lis
   return task, list(examples[:c.num_train]), list(examples[c.num_train:need])
 
 
-def _load_model(config: ml_collections.ConfigDict, mesh: Mesh):
-  """(model config, tokenizer, chat family or None, loaded params or None)."""
+def _load_model(config: ml_collections.ConfigDict, mesh: Mesh, master: bool):
+  """(model config, tokenizer, chat family or None, loaded params or None).
+
+  Parameters are stored in float32 when they are trained in full (``master``: the optimizer's
+  small updates must not round away) and in the compute dtype when they stay frozen (LoRA).
+  """
   c = config.model
+  param_dtype = "float32" if master else c.dtype
   params = None
   if c.source == "synthetic":
     s = c.synthetic
     model_config = TransformerConfig(
         family="llama3", vocab_size=32, embed_dim=s.embed_dim, num_layers=s.num_layers,
         num_heads=s.num_heads, num_kv_heads=s.num_heads, head_dim=s.head_dim, mlp_dim=s.mlp_dim,
-        tie_embeddings=True, rope_theta=10_000.0, max_len=256, dtype=c.dtype, param_dtype=c.dtype)
+        tie_embeddings=True, rope_theta=10_000.0, max_len=256, dtype=c.dtype,
+        param_dtype=param_dtype)
     tokenizer, chat_family = synthetic.CharTokenizer(), None
   elif c.source in ("hf", "native"):
     from selfimprove_jax import checkpoint  # pylint: disable=g-import-not-at-top
     load = checkpoint.load_hf if c.source == "hf" else checkpoint.load_native
     model_config, params, tokenizer, _ = load(c.checkpoint, mesh=mesh, rules=sh.TRAIN_RULES,
-                                              dtype=c.dtype)
+                                              dtype=param_dtype)
+    model_config = model_config.replace(dtype=c.dtype, param_dtype=param_dtype)
     chat_family = model_config.family if config.task.chat else None
   else:
     from selfimprove_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-    model_config = get_preset(c.preset).replace(dtype=c.dtype, param_dtype=c.dtype)
+    model_config = get_preset(c.preset).replace(dtype=c.dtype, param_dtype=param_dtype)
     tokenizer = load_tokenizer(c.tokenizer)
     chat_family = model_config.family if config.task.chat else None
   if tokenizer.vocab_size > model_config.vocab_size:

@@ -31,7 +31,7 @@ def train(ctx: Context, journal: Journal, r: int) -> int:
           p.unlink()
 
   def step_batch(i: int, state) -> tuple[dict[str, np.ndarray], list[dict]]:
-    params = policies.full(ctx, r, state.params)
+    params = policies.current(ctx, r, state.params)
     examples = ctx.round_prompts((r - 1) * steps + i)
     prompts = ctx.prompts(examples)
     rows = rollouts.generate(ctx, rollouts.sampler(ctx, params), examples,
@@ -39,8 +39,10 @@ def train(ctx: Context, journal: Journal, r: int) -> int:
                              loop_config.temperature(c, r), ctx.key(r, "train", i),
                              f"step {i + 1} sample", round=r, step=i + 1, source="current")
     rollouts.grade(ctx, rows, prompts.examples)
-    rollouts.score_base(ctx, rows, prompts.ids)
-    reward_R = rewards.compute(rollouts.reward_inputs(ctx, rows, params, prompts))
+    inputs = rollouts.reward_inputs(ctx, rows, params, prompts)
+    reward_R = rewards.compute(inputs)
+    # Base-model scores only when the reward asked for them: a gold or majority reward never does.
+    rollouts.set_base_columns(rows, inputs.scores.computed("base"))
     reward_R = np.array([0.0 if x is None else x for x in reward_R], np.float32)
     adv, std = group_advantages(reward_R, G, estimator=c.train.advantage.estimator,
                                 scale=c.train.advantage.scale)
@@ -55,8 +57,9 @@ def train(ctx: Context, journal: Journal, r: int) -> int:
             "truncated_B": np.array([row["finish_reason"] == "length" for row in rows])}, rows
 
   def after_step(i: int, rows: list[dict], metrics: dict[str, float]) -> None:
-    metrics.update(correct=tables.column_mean(rows, "correct"),
-                   base_logprob=tables.column_mean(rows, "base_logprob"))
+    metrics["correct"] = tables.column_mean(rows, "correct")
+    if rows[0]["base_logprob"] is not None:
+      metrics["base_logprob"] = tables.column_mean(rows, "base_logprob")
     if ctx.writer:
       tables.write_table(parts / f"step_{i + 1:05d}.jsonl", rows, tables.RL_COLUMNS)
 

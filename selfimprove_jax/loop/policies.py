@@ -1,7 +1,8 @@
 """The models of a run's rounds: the base, the policy after each round, and where a round starts.
 
 Round r saves its trained tree in ``round_RRR/params``: the full params, or under LoRA only the
-adapters, merged onto the model the round started from whenever the round's model is used. The
+adapters. A finished round's model is merged once (the next round starts from it); while a round
+trains, its model is the start model with the adapters beside it (``current``), never merged. The
 model of the last round trained or loaded is kept in memory (``Context.caches["policy"]``).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.checkpoint import trees
 from selfimprove_jax.loop.context import Context
-from selfimprove_jax.models.transformer import param_logical_names
+from selfimprove_jax.models.transformer import LoraParams, param_logical_names
 from selfimprove_jax.training import lora
 from selfimprove_jax.training.state import trainable_shapes_and_shardings
 
@@ -40,6 +41,14 @@ def remember(ctx: Context, round_index: int, trainable: Any) -> None:
   params = full(ctx, round_index, trainable)
   ctx.caches["policy"].clear()
   ctx.caches["policy"][round_index] = params
+
+
+def current(ctx: Context, round_index: int, trainable: Any) -> Any:
+  """Round ``round_index``'s model while it trains: its params, or under LoRA the start model
+  with the adapters applied beside it (``models.LoraParams``, no merged copy)."""
+  if ctx.lora is None:
+    return trainable
+  return LoraParams(base=start(ctx, round_index), adapters=trainable, scale=ctx.lora.scale)
 
 
 def full(ctx: Context, round_index: int, trainable: Any) -> Any:

@@ -31,8 +31,8 @@ MODELS = ("base", "current")
 class RewardInputs:
   """What a reward sees.
 
-  rows: the batch's rows, with every ``tables.ROUND_COLUMNS["score"]`` column but ``reward``
-    (``prompt_id``, ``completion``, ``tokens``, ``extracted``, ``correct``, ``base_logprob``, ...).
+  rows: the batch's rows, with their ``tables.GENERATED`` columns and the gold verdict
+    (``prompt_id``, ``completion``, ``tokens``, ``length``, ``extracted``, ``correct``, ...).
   prompts: each row's rendered prompt text.
   config: the run's config; ``score.*`` holds the reward's options (``reward_model``, ``judge``).
   scores: ``scores(which)``, which in MODELS: ``scoring.Scores`` (NumPy, one entry per row) of
@@ -66,11 +66,9 @@ def compute(inputs: RewardInputs) -> list[float | None]:
 
 
 def _self_reward(kind: str) -> RewardFn:
-  """A self-reward (``verifiers.self_reward``): under the base model it is already a column."""
+  """A self-reward (``verifiers.self_reward``) under ``score.reward_model``."""
   def reward(inputs: RewardInputs) -> list[float | None]:
-    if inputs.config.score.reward_model == "base":
-      return [row[f"base_{kind}"] for row in inputs.rows]
-    return self_reward.rewards_from_scores(inputs.scores("current"), kind)
+    return self_reward.rewards_from_scores(inputs.scores(inputs.config.score.reward_model), kind)
   reward.__name__ = kind
   return reward
 

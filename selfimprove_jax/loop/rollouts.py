@@ -1,7 +1,7 @@
 """Rows of the samples table from the models: sample, grade, score under the base model.
 
 ``generate`` writes the ``tables.GENERATED`` columns (plus the caller's, e.g. ``round``),
-``grade`` adds ``extracted`` / ``correct`` and ``score_base`` the ``base_*`` columns, the
+``grade`` adds ``extracted`` / ``correct`` and ``set_base_columns`` the ``base_*`` columns, the
 remaining ``tables.VERIFIED`` ones. Every offline stage, online RL step and eval goes through here.
 """
 from __future__ import annotations
@@ -10,23 +10,57 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from selfimprove_jax import multihost
 from selfimprove_jax import scoring
-from selfimprove_jax import sharding as sh
 from selfimprove_jax.loop import policies
 from selfimprove_jax.loop.context import Context, Prompts
 from selfimprove_jax.loop.rewards import RewardInputs
-from selfimprove_jax.models.transformer import param_shardings
+from selfimprove_jax import sharding as sh
+from selfimprove_jax.models.transformer import (LoraParams, cast_floats, param_logical_names,
+                                                param_shapes)
+from selfimprove_jax.training import lora
 from selfimprove_jax.sampling import Sampler
 from selfimprove_jax.verifiers import self_reward
 
 
+def _to_sampling(ctx: Context, tree: Any, kind: str) -> Any:
+  """``tree`` (the model's params, or LoRA adapters: ``kind``) in the compute dtype, placed on
+  the sampling mesh by one jitted program per kind, built and compiled once per run."""
+  programs = ctx.caches["sampling"]
+  if kind not in programs:
+    shapes, names = param_shapes(ctx.model_config), param_logical_names(ctx.model_config)
+    shardings = (sh.tree_shardings(names, shapes, ctx.sample_mesh, sh.SAMPLE_RULES)
+                 if kind == "params" else
+                 lora.adapter_shardings(shapes, names, ctx.lora, ctx.sample_mesh, sh.SAMPLE_RULES))
+    dtype = jnp.dtype(ctx.model_config.dtype)
+    programs[kind] = (shardings,
+                      jax.jit(lambda t: cast_floats(t, dtype), out_shardings=shardings))
+  shardings, convert = programs[kind]
+  dtype = jnp.dtype(ctx.model_config.dtype)
+  if all(x.dtype == dtype and x.sharding == s for x, s in
+         zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))):
+    return tree
+  return convert(tree)
+
+
 def for_sampling(ctx: Context, params: Any) -> Any:
-  """``params`` (train layout) placed under the sampling rules."""
-  return jax.device_put(params, param_shardings(ctx.model_config, ctx.mesh, sh.SAMPLE_RULES))
+  """``params`` as the sampler and scorer take them: in the compute dtype (``model.dtype``), on
+  ``ctx.sample_mesh``. A float32 master or a training-layout model gets one copy, kept for the
+  base and the latest other model; under LoRA the adapters alone are converted each call."""
+  if isinstance(params, LoraParams):
+    return params.replace(base=for_sampling(ctx, params.base),
+                          adapters=_to_sampling(ctx, params.adapters, "adapters"))
+  kept = ctx.caches["sampling"].setdefault("copies", [])
+  for source, copy in kept:
+    if source is params:
+      return copy
+  copy = _to_sampling(ctx, params, "params")
+  kept[:] = [entry for entry in kept if entry[0] is ctx.base_params] + [(params, copy)]
+  return copy
 
 
 def sampler(ctx: Context, params: Any, max_new_tokens: int | None = None) -> Sampler:
@@ -66,10 +100,13 @@ def generate(ctx: Context, sample: Sampler, examples: Sequence[dict],
 
 def score(ctx: Context, params: Any, rows: Sequence[dict], prompt_ids: dict[Any, list[int]]
           ) -> scoring.Scores:
-  """``scoring.Scores`` (NumPy, one entry per row) of each completion under ``params``."""
+  """``scoring.Scores`` (NumPy, one entry per row) of each completion under ``params``, padded
+  to the run's ``score_lengths`` (one compiled scorer per run)."""
+  min_prompt, min_completion = ctx.score_lengths
   return self_reward.score_completions(
       ctx.sample_model, for_sampling(ctx, params), [prompt_ids[r["prompt_id"]] for r in rows],
-      [r["tokens"] for r in rows], batch_size=ctx.config.score.batch_size)
+      [r["tokens"] for r in rows], batch_size=ctx.config.score.batch_size,
+      min_prompt_len=min_prompt, min_completion_len=min_completion)
 
 
 def grade(ctx: Context, rows: Sequence[dict], examples: dict[Any, dict]) -> None:
@@ -82,22 +119,41 @@ def grade(ctx: Context, rows: Sequence[dict], examples: dict[Any, dict]) -> None
     r["extracted"], r["correct"] = extracted, correct
 
 
-def score_base(ctx: Context, rows: Sequence[dict], prompt_ids: dict[Any, list[int]]) -> None:
-  """The ``base_*`` columns: log-prob, mean log-prob and self-certainty under the base model."""
-  scores = score(ctx, ctx.base_params, rows, prompt_ids)
+class ModelScores:
+  """``scores(which)``: the rows' ``scoring.Scores`` under the base or the current model, each
+  computed on first request only (online RL with a gold reward never scores under the base)."""
+
+  def __init__(self, ctx: Context, rows: Sequence[dict], params: Any, prompt_ids: dict):
+    self._models = {"base": lambda: ctx.base_params, "current": lambda: params}
+    self._score = lambda which: score(ctx, self._models[which](), rows, prompt_ids)
+    self._done: dict[str, scoring.Scores] = {}
+
+  def __call__(self, which: str) -> scoring.Scores:
+    if which not in self._done:
+      self._done[which] = self._score(which)
+    return self._done[which]
+
+  def computed(self, which: str) -> scoring.Scores | None:
+    return self._done.get(which)
+
+
+def set_base_columns(rows: Sequence[dict], scores: scoring.Scores | None) -> None:
+  """The ``base_*`` columns: log-prob, mean log-prob and self-certainty under the base model
+  (None when the base model did not score the rows)."""
   for i, r in enumerate(rows):
-    r["base_logprob"] = float(scores.sum_logprob_B[i])
-    r["base_mean_logprob"] = float(scores.mean_logprob_B[i])
-    r["base_self_certainty"] = float(scores.self_certainty_B[i])
+    r["base_logprob"] = None if scores is None else float(scores.sum_logprob_B[i])
+    r["base_mean_logprob"] = None if scores is None else float(scores.mean_logprob_B[i])
+    r["base_self_certainty"] = None if scores is None else float(scores.self_certainty_B[i])
 
 
 def reward_inputs(ctx: Context, rows: Sequence[dict], params: Any, prompts: Prompts
                   ) -> RewardInputs:
-  """What ``rewards.compute`` needs for ``rows``; ``params`` is the current policy."""
+  """What ``rewards.compute`` needs for ``rows``; ``params`` is the current policy. Its
+  ``scores`` is a ``ModelScores``."""
   models = {"base": lambda: ctx.base_params, "current": lambda: params}
   return RewardInputs(
       rows=rows, prompts=[prompts.texts[r["prompt_id"]] for r in rows], config=ctx.config,
-      scores=lambda which: score(ctx, models[which](), rows, prompts.ids),
+      scores=ModelScores(ctx, rows, params, prompts.ids),
       judge_model=lambda which: (ctx.sample_model, for_sampling(ctx, models[which]()),
                                  ctx.tokenizer))
 

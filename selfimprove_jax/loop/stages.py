@@ -54,8 +54,8 @@ def score(ctx: Context, r: int, rows: list[dict]) -> tuple[list[dict], dict[str,
   rollouts.grade(ctx, rows, prompts.examples)
   if ctx.config.sample.rationalize:
     rows = rows + rationalize(ctx, r, rows, examples, prompts)
-  rollouts.score_base(ctx, rows, prompts.ids)
   inputs = rollouts.reward_inputs(ctx, rows, policies.policy(ctx, r - 1), prompts)
+  rollouts.set_base_columns(rows, inputs.scores("base"))
   for row, reward in zip(rows, rewards.compute(inputs)):
     row["reward"] = reward
   return rows, {name: tables.column_mean(rows, name)
@@ -118,5 +118,5 @@ def evaluate(ctx: Context, r: int) -> tuple[list[dict], dict]:
                          kind="sample")
   rows = greedy + t1
   rollouts.grade(ctx, rows, prompts.examples)
-  rollouts.score_base(ctx, rows, prompts.ids)
+  rollouts.set_base_columns(rows, rollouts.score(ctx, ctx.base_params, rows, prompts.ids))
   return rows, eval_metrics(rows, c.num_samples, tuple(c.bon_k))

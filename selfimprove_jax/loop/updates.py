@@ -6,17 +6,18 @@ checkpoint of an interrupted round, runs the remaining steps (each one's batch f
 saves the round's params. A restarted round redoes exactly the steps after its checkpoint, so it
 ends bit-identical to an uninterrupted one.
 
-The optimizer and the jitted update step are built once per distinct schedule and kept in
-``Context.caches``: every round of a run with the same step count reuses one compiled step.
+The optimizer and the jitted update step are built once per run (per set of frozen trees) and
+kept in ``Context.caches``. The learning rate is an argument of the step, taken from the round's
+schedule on the host, so rounds of any length share one compiled step.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 import tqdm
 
 from selfimprove_jax import sharding as sh
@@ -25,6 +26,7 @@ from selfimprove_jax.loop import config as loop_config
 from selfimprove_jax.loop import policies
 from selfimprove_jax.loop.context import Context
 from selfimprove_jax.loop.workdir import Journal
+from selfimprove_jax.models import count_params
 from selfimprove_jax.training import (TrainState, create_train_state, make_loss, make_optimizer,
                                       make_schedule, make_update_step, run_step, state_shardings)
 
@@ -34,51 +36,38 @@ StepBatch = Callable[[int, TrainState], tuple[dict[str, np.ndarray], Any]]
 AfterStep = Callable[[int, Any, dict[str, float]], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-  """What the optimizer of a stage of ``total_steps`` updates depends on (decaying schedules
-  depend on the step count, so a round of another length gets its own)."""
-
-  schedule: str
-  learning_rate: float
-  total_steps: int | None
-  warmup_steps: int
-  max_grad_norm: float
-
-  @classmethod
-  def of(cls, ctx: Context, total_steps: int) -> OptimizerSpec:
-    c = ctx.config.train.optimizer
-    total = max(total_steps, 1) if c.schedule != "constant" else None
-    return cls(c.schedule, c.learning_rate, total, c.warmup_steps, c.max_grad_norm)
+def schedule(ctx: Context, total_steps: int) -> optax.Schedule:
+  """The learning rate of a stage of ``total_steps`` updates, by step (decays end at the stage's
+  last step)."""
+  c = ctx.config.train.optimizer
+  total = max(total_steps, 1) if c.schedule != "constant" else None
+  return make_schedule(c.schedule, c.learning_rate, total_steps=total, warmup_steps=c.warmup_steps)
 
 
-def optimizer(ctx: Context, total_steps: int):
-  """(optimizer, schedule) for a stage of ``total_steps`` updates, one pair per distinct spec."""
-  spec = OptimizerSpec.of(ctx, total_steps)
+def optimizer(ctx: Context) -> optax.GradientTransformation:
+  """The run's optimizer (AdamW with clipping; its learning rate is set on every step)."""
   cache = ctx.caches["optimizer"]
-  if spec not in cache:
-    schedule = make_schedule(spec.schedule, spec.learning_rate, total_steps=spec.total_steps,
-                             warmup_steps=spec.warmup_steps)
-    cache[spec] = (make_optimizer(schedule, max_grad_norm=spec.max_grad_norm or None), schedule)
-  return cache[spec]
+  if "adamw" not in cache:
+    c = ctx.config.train.optimizer
+    cache["adamw"] = make_optimizer(c.learning_rate, max_grad_norm=c.max_grad_norm or None)
+  return cache["adamw"]
 
 
-def update_step(ctx: Context, total_steps: int, frozen_keys: tuple[str, ...]) -> Callable:
+def update_step(ctx: Context, frozen_keys: tuple[str, ...]) -> Callable:
   """The jitted update step (``training.make_update_step``) of the configured loss, compiled once
-  per (optimizer spec, frozen trees)."""
-  key = (OptimizerSpec.of(ctx, total_steps), frozen_keys)
+  per set of frozen trees."""
   cache = ctx.caches["step"]
-  if key not in cache:
+  if frozen_keys not in cache:
     c = ctx.config.train
-    opt, schedule = optimizer(ctx, total_steps)
-    cache[key] = make_update_step(
+    opt = optimizer(ctx)
+    cache[frozen_keys] = make_update_step(
         ctx.train_model, make_loss(c.loss, **loop_config.loss_options(ctx.config)), opt,
-        schedule=schedule,
         state_shardings=state_shardings(ctx.model_config, opt, ctx.mesh, sh.TRAIN_RULES,
                                         lora_config=ctx.lora, frozen_keys=frozen_keys),
         num_microbatches=c.num_microbatches, lora_config=ctx.lora,
-        compute_dtype=c.compute_dtype or None, remat=c.remat or None, mesh=ctx.mesh)
-  return cache[key]
+        compute_dtype=c.compute_dtype or ctx.model_config.dtype,
+        remat=loop_config.remat_policy(ctx.config, count_params(ctx.model_config)), mesh=ctx.mesh)
+  return cache[frozen_keys]
 
 
 def pack(ctx: Context, prompt: list[int], completion: list[int]
@@ -145,10 +134,10 @@ def train(ctx: Context, journal: Journal, r: int, *, start: Any, total: int, des
   ``on_resume(done)``: called with the steps already done before the first step runs.
   ``shown``: the metric on the progress bar.
   """
-  opt, _ = optimizer(ctx, total)
-  state = create_train_state(ctx.model_config, opt, ctx.key(0, "train"), mesh=ctx.mesh,
+  state = create_train_state(ctx.model_config, optimizer(ctx), ctx.key(0, "train"), mesh=ctx.mesh,
                              params=start, lora_config=ctx.lora, reference_params=reference)
-  step_fn = update_step(ctx, total, tuple(state.frozen or {}))
+  step_fn = update_step(ctx, tuple(state.frozen or {}))
+  learning_rate = schedule(ctx, total)
   done = latest_checkpoint(ctx, r) or 0
   if done:
     state = restore_state(ctx, r, state, done)
@@ -158,7 +147,7 @@ def train(ctx: Context, journal: Journal, r: int, *, start: Any, total: int, des
   bar = tqdm.trange(done, total, desc=desc, unit="step", leave=False, disable=not ctx.bars)
   for i in bar:
     batch, extra = step_batch(i, state)
-    state, metrics = run_step(step_fn, state, batch)
+    state, metrics = run_step(step_fn, state, batch, learning_rate=learning_rate(i))
     if after_step is not None:
       after_step(i, extra, metrics)
     bar.set_postfix({shown: f"{metrics[shown]:.3f}"})

@@ -95,7 +95,10 @@ class TransformerConfig:
       ("local", "global"), Gemma 3 five locals then a global.
     tie_embeddings: output projection is the transposed input embedding.
     max_len: longest sequence the model was trained for (default KV-cache length).
-    dtype: activation dtype; param_dtype: parameter storage dtype.
+    attention_block: queries per attention block in full-sequence and prefill calls: attention
+      logits and probabilities exist for one block at a time (``layers.attend``); no effect on
+      values. Not a checkpoint property.
+    dtype: activation (compute) dtype; param_dtype: parameter storage dtype.
   """
 
   family: str
@@ -123,6 +126,7 @@ class TransformerConfig:
   attention_pattern: tuple[str, ...] = ("global",)
   tie_embeddings: bool = False
   max_len: int = 8192
+  attention_block: int = 512
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -130,7 +134,7 @@ class TransformerConfig:
     if self.family not in FAMILIES:
       _fail("family", self.family, f"must be one of {FAMILIES}")
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "mlp_dim", "max_len"):
+                 "mlp_dim", "max_len", "attention_block"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         _fail(name, value, "must be a positive int")

@@ -5,6 +5,7 @@ K kv heads, G = H // K query heads per kv head, F head_dim, M mlp_dim, R = F // 
 """
 from __future__ import annotations
 
+import functools
 
 import flax.linen as nn
 import jax
@@ -27,17 +28,60 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[st
   return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
-def project(x: jax.Array, w: jax.Array, num_in: int = 1) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, num_in: int = 1,
+            preferred_element_type: jnp.dtype | None = None) -> jax.Array:
   """Contracts the last ``num_in`` axes of ``x`` (..., *in) with the first of ``w`` (*in, *out).
 
   Computed as one 2-D matmul over flattened rows: on XLA:CPU the backward pass of a batched
   einsum such as ``btd,dm->btm`` transposed its activations for the weight gradient and ran about
   2x slower than the same product on (B*T, D) rows. Merging a sharded major axis with unsharded
-  minor ones keeps every sharding, so the mesh layout is unchanged.
+  minor ones keeps every sharding, so the mesh layout is unchanged. ``preferred_element_type``:
+  the accumulation and result dtype (e.g. float32 logits from bfloat16 operands).
   """
   lead, contract, out = x.shape[:x.ndim - num_in], w.shape[:num_in], w.shape[num_in:]
   rows = x.reshape(int(np.prod(lead)), int(np.prod(contract)))
-  return (rows @ w.reshape(int(np.prod(contract)), int(np.prod(out)))).reshape(*lead, *out)
+  w2 = w.reshape(int(np.prod(contract)), int(np.prod(out)))
+  if preferred_element_type is None or jnp.dtype(preferred_element_type) == rows.dtype:
+    y = rows @ w2
+  else:
+    y = _accumulating_matmul(rows, w2, jnp.dtype(preferred_element_type))
+  return y.reshape(*lead, *out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _accumulating_matmul(x_NxI: jax.Array, w_IxO: jax.Array, out_dtype) -> jax.Array:
+  """x @ w accumulated and returned in ``out_dtype``; the backward pass multiplies in the
+  operands' dtype too (the incoming gradient cast down, products accumulated in ``out_dtype``),
+  so a bfloat16 model never runs a float32 matmul."""
+  return jnp.matmul(x_NxI, w_IxO, preferred_element_type=out_dtype)
+
+
+def _accumulating_matmul_fwd(x_NxI, w_IxO, out_dtype):
+  return _accumulating_matmul(x_NxI, w_IxO, out_dtype), (x_NxI, w_IxO)
+
+
+def _accumulating_matmul_bwd(out_dtype, residuals, g_NxO):
+  x_NxI, w_IxO = residuals
+  g_NxO = g_NxO.astype(x_NxI.dtype)
+  dx = jnp.matmul(g_NxO, w_IxO.T, preferred_element_type=out_dtype).astype(x_NxI.dtype)
+  dw = jnp.matmul(x_NxI.T, g_NxO, preferred_element_type=out_dtype).astype(w_IxO.dtype)
+  return dx, dw
+
+
+_accumulating_matmul.defvjp(_accumulating_matmul_fwd, _accumulating_matmul_bwd)
+
+
+def dense(module: nn.Module, x: jax.Array, w: jax.Array, name: str, num_in: int = 1) -> jax.Array:
+  """``project(x, w)`` plus, when the ``lora`` collection holds an adapter for ``name``, its
+  low-rank term (x·A)·B computed beside the frozen kernel: no merged copy of W, and the backward
+  pass forms only the small gradients of A and B. A and B arrive already scaled (see
+  ``transformer.variables``)."""
+  y = project(x, w, num_in)
+  if module.has_variable("lora", name):
+    adapter = module.get_variable("lora", name)
+    h = project(x, adapter["lora_a"].astype(x.dtype), num_in)
+    y = y + project(h, adapter["lora_b"].astype(x.dtype))
+  return y
 
 
 def _fan_in_init(fan_in: int):
@@ -128,6 +172,44 @@ def attention_mask(q_pos_BxT: jax.Array, q_slot_T: jax.Array, k_pos_BxS: jax.Arr
 
 # ------------------------------------------------------------------------------------ attention
 
+def attend(q_BxTxKxGxF: jax.Array, k_BxKxSxF: jax.Array, v_BxKxSxF: jax.Array,
+           mask_BxTxS: jax.Array, *, softcap: float | None, block: int) -> jax.Array:
+  """Softmax attention of T queries over S keys, ``block`` queries at a time: (B, T, K, G, F).
+
+  The softmax runs in float32; only one block's (B, K, G, block, S) logits and probabilities
+  exist at a time. Each block is rematerialized in the backward
+  pass, so training keeps no probabilities either. Query rows are independent, so blocking
+  changes no value. Masked keys get probability 0 (a fully masked query attends to nothing).
+  """
+  B, T, K, G, F = q_BxTxKxGxF.shape
+  dtype = q_BxTxKxGxF.dtype
+
+  def one(args):
+    q_BxCxKxGxF, mask_BxCxS = args
+    logits_BxKxGxCxS = jnp.einsum("bckgf,bksf->bkgcs", q_BxCxKxGxF,
+                                  k_BxKxSxF).astype(jnp.float32)
+    if softcap is not None:
+      logits_BxKxGxCxS = softcap * jnp.tanh(logits_BxKxGxCxS / softcap)
+    mask = mask_BxCxS[:, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, logits_BxKxGxCxS, _MASKED), axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(dtype)
+    # Batch dims (b, k) lead in operands and output: XLA:CPU then uses its fast batched-matmul
+    # kernel (an output of "bckgf" made it fall back to a generic dot, ~8x slower when decoding).
+    out_BxKxGxCxF = jnp.einsum("bkgcs,bksf->bkgcf", probs, v_BxKxSxF)
+    return jnp.transpose(out_BxKxGxCxF, (0, 3, 1, 2, 4))
+
+  if T <= block:
+    return one((q_BxTxKxGxF, mask_BxTxS))
+  n = -(-T // block)
+  pad = n * block - T
+  q = jnp.pad(q_BxTxKxGxF, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  mask = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
+  q_NxBxCxKxGxF = jnp.moveaxis(q.reshape(B, n, block, K, G, F), 1, 0)
+  mask_NxBxCxS = jnp.moveaxis(mask.reshape(B, n, block, -1), 1, 0)
+  out = jax.lax.map(jax.checkpoint(one), (q_NxBxCxKxGxF, mask_NxBxCxS))
+  return jnp.moveaxis(out, 0, 1).reshape(B, n * block, K, G, F)[:, :T]
+
+
 class Attention(nn.Module):
   """Grouped-query attention with optional qkv bias, QK-norm, query scaling and logit soft-cap."""
 
@@ -137,14 +219,16 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], mask_BxTxS: jax.Array,
-               cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+               cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
+               prefill: bool = False):
     """Attends from the T new tokens to the S visible keys.
 
     Without a cache the keys are the new tokens themselves (S = T). With a cache, this layer's
     buffers ``cache_kv`` (each (B, K, S, F), S the cache length) first receive the new keys and
     values at slots ``[cache_index, cache_index + T)``, then the new tokens attend over the whole
     buffer. Writing before reading leaves the old buffer with no other reader, so inside a decode
-    loop XLA updates it in place instead of copying it every step.
+    loop XLA updates it in place instead of copying it every step. ``prefill``: the cache was empty,
+    so the new tokens attend over themselves only (S = T) while their keys and values are stored.
 
     Returns:
       (out_BxTxD, updated (k, v) buffers, or None without a cache).
@@ -159,9 +243,9 @@ class Attention(nn.Module):
     w_v = _param(self, "v_proj", (D, K, F), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), init)
     w_o = _param(self, "o_proj", (H, F, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), _fan_in_init(H * F))
     x = x_BxTxD.astype(dtype)
-    q_BxTxHxF = project(x, w_q.astype(dtype))
-    k_BxTxKxF = project(x, w_k.astype(dtype))
-    v_BxTxKxF = project(x, w_v.astype(dtype))
+    q_BxTxHxF = dense(self, x, w_q.astype(dtype), "q_proj")
+    k_BxTxKxF = dense(self, x, w_k.astype(dtype), "k_proj")
+    v_BxTxKxF = dense(self, x, w_v.astype(dtype), "v_proj")
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_BxTxHxF += _param(self, "q_bias", (H, F), (sh.HEADS, sh.HEAD_DIM), zeros).astype(dtype)
@@ -184,19 +268,13 @@ class Attention(nn.Module):
       at = (0, 0, cache_index, 0)
       new_cache = tuple(jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), at)
                         for buf, new in zip(cache_kv, (k_BxKxSxF, v_BxKxSxF)))
-      k_BxKxSxF, v_BxKxSxF = (buf.astype(dtype) for buf in new_cache)
+      if not prefill:
+        k_BxKxSxF, v_BxKxSxF = (buf.astype(dtype) for buf in new_cache)
 
-    logits_BxKxGxTxS = jnp.einsum("btkgf,bksf->bkgts", q_BxTxKxGxF, k_BxKxSxF).astype(jnp.float32)
-    if cfg.attn_softcap is not None:
-      logits_BxKxGxTxS = cfg.attn_softcap * jnp.tanh(logits_BxKxGxTxS / cfg.attn_softcap)
-    mask = mask_BxTxS[:, None, None]
-    probs = jax.nn.softmax(jnp.where(mask, logits_BxKxGxTxS, _MASKED), axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(dtype)
-    # Batch dims (b, k) lead in operands and output: XLA:CPU then uses its fast batched-matmul
-    # kernel (an output of "btkgf" made it fall back to a generic dot, ~8x slower when decoding).
-    out_BxKxGxTxF = jnp.einsum("bkgts,bksf->bkgtf", probs, v_BxKxSxF)
-    out_BxTxHxF = jnp.transpose(out_BxKxGxTxF, (0, 3, 1, 2, 4)).reshape(B, T, H, F)
-    return project(out_BxTxHxF, w_o.astype(dtype), num_in=2), new_cache
+    out_BxTxKxGxF = attend(q_BxTxKxGxF, k_BxKxSxF, v_BxKxSxF, mask_BxTxS,
+                           softcap=cfg.attn_softcap, block=cfg.attention_block)
+    out_BxTxHxF = out_BxTxKxGxF.reshape(B, T, H, F)
+    return dense(self, out_BxTxHxF, w_o.astype(dtype), "o_proj", num_in=2), new_cache
 
 
 class GatedMLP(nn.Module):
@@ -215,12 +293,12 @@ class GatedMLP(nn.Module):
     w_up = _param(self, "up_proj", (D, M), (sh.EMBED, sh.MLP), _fan_in_init(D))
     w_down = _param(self, "down_proj", (M, D), (sh.MLP, sh.EMBED), _fan_in_init(M))
     x = x_BxTxD.astype(dtype)
-    gate_BxTxM = project(x, w_gate.astype(dtype))
-    up_BxTxM = project(x, w_up.astype(dtype))
+    gate_BxTxM = dense(self, x, w_gate.astype(dtype), "gate_proj")
+    up_BxTxM = dense(self, x, w_up.astype(dtype), "up_proj")
     act = jax.nn.silu if cfg.activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
     hidden_BxTxM = sh.constrain(act(gate_BxTxM) * up_BxTxM, (sh.BATCH, sh.LENGTH, sh.MLP),
                                 self.mesh, self.rules)
-    return project(hidden_BxTxM, w_down.astype(dtype))
+    return dense(self, hidden_BxTxM, w_down.astype(dtype), "down_proj")
 
 
 class Block(nn.Module):
@@ -237,10 +315,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], mask_BxTxS: jax.Array,
-               cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+               cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
+               prefill: bool = False):
     cfg = self.config
     h = RMSNorm(cfg, name="pre_attn_norm")(x_BxTxD)
-    h, new_kv = Attention(cfg, self.mesh, self.rules, name="attn")(h, sin_cos, mask_BxTxS, cache_kv, cache_index)
+    h, new_kv = Attention(cfg, self.mesh, self.rules, name="attn")(h, sin_cos, mask_BxTxS, cache_kv,
+                                                                   cache_index, prefill)
     if cfg.sandwich_norm:
       h = RMSNorm(cfg, name="post_attn_norm")(h)
     x_BxTxD = x_BxTxD + h.astype(x_BxTxD.dtype)

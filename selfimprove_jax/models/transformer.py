@@ -59,6 +59,39 @@ class KVCache:
     return self.pos.shape[1]
 
 
+@flax.struct.dataclass
+class LoraParams:
+  """Frozen ``base`` parameters with low-rank ``adapters`` applied beside them.
+
+  ``adapters`` is ``training.lora``'s tree: for every adapted projection {"lora_a": A (*in, r),
+  "lora_b": B (r, *out)} at the kernel's path. Each adapted projection computes
+  x·W + scale·(x·A)·B (``layers.dense``): no merged copy of the weights exists, and gradients with
+  respect to the adapters never form a full-size weight gradient. Accepted wherever parameters
+  are (scoring, sampling, judging) through ``variables``.
+  """
+
+  base: Any
+  adapters: Any
+  scale: float = flax.struct.field(pytree_node=False)
+
+
+def variables(params: Any) -> dict[str, Any]:
+  """``model.apply``'s variables for ``params``: a parameter tree, or a ``LoraParams``."""
+  if not isinstance(params, LoraParams):
+    return {"params": params}
+  scaled = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * params.scale if getattr(path[-1], "key", None) == "lora_b" else x,
+      params.adapters)
+  return {"params": params.base, "lora": scaled}
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+  """Every floating leaf of ``tree`` (params, ``LoraParams``) in ``dtype``; others unchanged."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
 def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any = None,
                mesh: Mesh | None = None, rules: sh.Rules = sh.SAMPLE_RULES) -> KVCache:
   """An empty cache, created directly in its sharded layout when a mesh is given."""
@@ -102,7 +135,8 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                input_mask_BxT: jax.Array | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
+               return_hidden: bool = False, prefill: bool = False
+               ) -> tuple[jax.Array, KVCache | None]:
     """Runs the model.
 
     Args:
@@ -114,6 +148,8 @@ class Transformer(nn.Module):
       cache: a ``KVCache`` to write into and attend over; None for the full-sequence mode.
       return_hidden: return the final-normed hidden states (B, T, D) instead of logits, for
         callers that project onto the vocabulary in chunks (see ``logits``).
+      prefill: ``cache`` is empty (fresh from ``init_cache``): the tokens attend over themselves
+        only, not over every cache slot, while their keys and values are stored.
     Returns:
       (logits_BxTxV float32 | hidden_BxTxD, updated cache or None).
     """
@@ -133,11 +169,14 @@ class Transformer(nn.Module):
       rope["local"] = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.local_rope_theta, RopeScaling())
     # Without a cache the keys are the new tokens (S = T). With one they are all cache slots, the
     # new tokens' positions recorded first, as each layer writes its keys/values before attending.
-    if cache is None:
+    cache_pos_BxS = None
+    if cache is not None:
+      cache_pos_BxS = jax.lax.dynamic_update_slice(cache.pos, new_pos_BxT, (0, cache.index))
+    if cache is None or prefill:
       k_pos_BxS, k_slot_S, q_slot_T = new_pos_BxT, jnp.arange(T), jnp.arange(T)
     else:
-      k_pos_BxS = jax.lax.dynamic_update_slice(cache.pos, new_pos_BxT, (0, cache.index))
-      k_slot_S, q_slot_T = jnp.arange(cache.max_len), cache.index + jnp.arange(T)
+      k_pos_BxS, k_slot_S = cache_pos_BxS, jnp.arange(cache.max_len)
+      q_slot_T = cache.index + jnp.arange(T)
     masks = {kind: attention_mask(positions_BxT, q_slot_T, k_pos_BxS, k_slot_S, windows[kind])
              for kind in dict.fromkeys(kinds)}
 
@@ -149,20 +188,25 @@ class Transformer(nn.Module):
     new_kv = []
     for i, (layer, kind) in enumerate(zip(self.layers, kinds)):
       cache_kv, index = (None, None) if cache is None else ((cache.k[i], cache.v[i]), cache.index)
-      x_BxTxD, kv = layer(x_BxTxD, rope[kind], masks[kind], cache_kv, index)
+      x_BxTxD, kv = layer(x_BxTxD, rope[kind], masks[kind], cache_kv, index, prefill)
       new_kv.append(kv)
     hidden_BxTxD = self.final_norm(x_BxTxD)
 
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), pos=k_pos_BxS,
-                          index=cache.index + T)
+      new_cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv),
+                          pos=cache_pos_BxS, index=cache.index + T)
     if return_hidden:
       return hidden_BxTxD, new_cache
     return self.logits(hidden_BxTxD), new_cache
 
   def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-    """Projects final hidden states onto the vocabulary (float32), with the final soft-cap."""
+    """Projects final hidden states onto the vocabulary, with the final soft-cap.
+
+    The matmul takes its operands in the compute dtype and accumulates and returns float32: a
+    bfloat16 result would round every logit (by ~0.03 at |logit| ~ 20), and a sequence's log-prob,
+    the self-reward, sums that error over hundreds of tokens.
+    """
     if self.config.tie_embeddings:
       logits_BxTxV = self.embedding.attend(hidden_BxTxD)
     else:
@@ -194,7 +238,8 @@ class _EmbeddingTable(nn.Module):
 
   def attend(self, hidden_BxTxD: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.config.dtype)
-    return jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(dtype), self.table.astype(dtype))
+    return project(hidden_BxTxD.astype(dtype), self.table.astype(dtype).T,
+                   preferred_element_type=jnp.float32)
 
 
 class _LMHead(nn.Module):
@@ -206,7 +251,8 @@ class _LMHead(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     w = _param(self, "kernel", (cfg.embed_dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB),
                nn.initializers.normal(stddev=cfg.embed_dim**-0.5))
-    return project(hidden_BxTxD.astype(dtype), w.astype(dtype))
+    return project(hidden_BxTxD.astype(dtype), w.astype(dtype),
+                   preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------- param creation

@@ -1,10 +1,11 @@
-"""LoRA as a pure transform of the parameter tree: adapters in, merged parameters out.
+"""LoRA: adapter trees for the decoder layers' projections, and merging them into a base.
 
-A targeted kernel W is read as a matrix from its input dims to its output dims and gets
-W' = W + (alpha / rank) * A @ B, with A (in, rank) and B (rank, out). The model never sees adapters:
-the update step merges them into the frozen base inside jit and differentiates only with respect
-to the adapters, and the checkpoint exporter merges them once before writing (``merged`` below is
-its ``params -> params`` hook).
+A targeted kernel W is read as a matrix from its input dims to its output dims; its adapter is
+A (in, rank), B (rank, out), scaled by alpha / rank. Training and sampling never merge: the
+model computes x·W + s·(x·A)·B inside each adapted projection (``models.LoraParams``,
+``layers.dense``), so no full-size copy of W or of its gradient exists. ``merge`` forms
+W' = W + s·A·B for what needs plain parameters: the model a finished round hands to the next
+one, and the checkpoint exporter (``merged`` is its ``params -> params`` hook).
 
 Which dims are "in": a kernel whose last axis is ``EMBED`` writes into the residual stream, so
 everything before it is input (o_proj (H, F, D): in = H*F; embedding (V, D): in = V); any other
@@ -80,15 +81,16 @@ def num_input_dims(names: tuple[str | None, ...]) -> int:
 
 
 def _targets(names_tree: Any, config: LoraConfig) -> dict[str, tuple[str | None, ...]]:
-  """path -> logical names of every targeted kernel; refuses non-kernels and empty matches."""
+  """path -> logical names of every targeted kernel; refuses other parameters and empty matches."""
   is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
   found = {}
   for path, names in jax.tree_util.tree_flatten_with_path(names_tree, is_leaf=is_names)[0]:
     p = _path_str(path)
     if re.fullmatch(config.targets, p):
-      if len(names) < 2 or sh.EMBED not in names:
-        raise ValueError(f"lora.targets={config.targets!r} matches {p} with logical axes {names}: "
-                         "only kernels (>= 2 dims, one of them embed) can take an adapter")
+      if not re.fullmatch(ALL_LINEAR_TARGETS, p):
+        raise ValueError(f"lora.targets={config.targets!r} matches {p}: adapters go on the decoder "
+                         "layers' projections only (attn q/k/v/o_proj, mlp gate/up/down_proj), "
+                         "where they are applied beside the frozen kernel")
       found[p] = tuple(names)
   if not found:
     raise ValueError(f"lora.targets={config.targets!r} matches no parameter path "

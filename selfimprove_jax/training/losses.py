@@ -91,11 +91,13 @@ def masked_mean(x_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------ scoring helpers
 
-def score_batch(model: Transformer, params: Any, batch: dict, chunk_size: int | None
-                ) -> scoring.Scores:
-  """``scoring.score`` of the single-sequence keys of ``batch``."""
+def score_batch(model: Transformer, params: Any, batch: dict, chunk_size: int | None, *,
+                entropy: bool = True) -> scoring.Scores:
+  """``scoring.score`` of the single-sequence keys of ``batch``: log-probs, and per-token
+  entropies when ``entropy`` (self-certainty is never needed by a loss)."""
   return scoring.score(model, params, batch["tokens_BxL"], batch["input_mask_BxL"],
-                       batch["loss_mask_BxL"], chunk_size=chunk_size)
+                       batch["loss_mask_BxL"], chunk_size=chunk_size, entropy=entropy,
+                       self_certainty=False)
 
 
 def pair_logps(model: Transformer, params: Any, batch: dict, chunk_size: int | None) -> jax.Array:
@@ -106,7 +108,8 @@ def pair_logps(model: Transformer, params: Any, batch: dict, chunk_size: int | N
     raise ValueError(f"tokens_Bx2xL has shape {tokens_Bx2xL.shape}: the middle dim must be 2")
   flat = lambda x: x.reshape(B * 2, L)
   scores = scoring.score(model, params, flat(tokens_Bx2xL), flat(batch["input_mask_Bx2xL"]),
-                         flat(batch["loss_mask_Bx2xL"]), chunk_size=chunk_size)
+                         flat(batch["loss_mask_Bx2xL"]), chunk_size=chunk_size, entropy=False,
+                         self_certainty=False)
   return scores.sum_logprob_B.reshape(B, 2)
 
 
@@ -129,7 +132,7 @@ class SFTLoss:
   """
 
   aggregation: str = "token_mean"
-  chunk_size: int | None = None
+  chunk_size: int | None = scoring.DEFAULT_CHUNK
 
   def __post_init__(self):
     check("aggregation", self.aggregation, self.aggregation in ("token_mean", "sequence_mean"),
@@ -184,7 +187,7 @@ class DPOLoss:
   beta: float = 0.1
   label_smoothing: float = 0.0
   reference: str = "batch"
-  chunk_size: int | None = None
+  chunk_size: int | None = scoring.DEFAULT_CHUNK
 
   def __post_init__(self):
     check("beta", self.beta, self.beta > 0, "must be > 0")
@@ -232,7 +235,7 @@ class SharpenLoss:
 
   beta: float = 1.0
   alpha: float = 0.0
-  chunk_size: int | None = None
+  chunk_size: int | None = scoring.DEFAULT_CHUNK
 
   def __post_init__(self):
     check("beta", self.beta, self.beta > 0, "must be > 0")

@@ -156,7 +156,7 @@ class PolicyGradientLoss:
   max_completion_length: int | None = None
   entropy_coef: float = 0.0
   mask_truncated: bool = False
-  chunk_size: int | None = None
+  chunk_size: int | None = scoring.DEFAULT_CHUNK
 
   def __post_init__(self):
     check("epsilon", self.epsilon, 0 < self.epsilon < 1, "must be in (0, 1)")
@@ -192,7 +192,8 @@ class PolicyGradientLoss:
         ref_BxL = batch["ref_logprobs_BxL"]
       else:
         ref = jax.lax.stop_gradient(require_ref_params(ref_params, "PolicyGradientLoss"))
-        ref_BxL = score_batch(model, ref, batch, self.chunk_size).token_logprobs_BxL
+        ref_BxL = score_batch(model, ref, batch, self.chunk_size,
+                              entropy=False).token_logprobs_BxL
       ref_BxL = jax.lax.stop_gradient(ref_BxL)
     eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
     loss, denom, metrics = policy_gradient_objective(

@@ -12,6 +12,7 @@ included, is created directly in its place on the mesh.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -74,17 +75,45 @@ def make_schedule(kind: str, learning_rate: float, *, total_steps: int | None = 
   return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def make_optimizer(schedule: float | optax.Schedule, *, max_grad_norm: float | None = 1.0,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-  """Global-norm clipping (skipped when ``max_grad_norm`` is None) then AdamW."""
-  check("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0,
-        "must be > 0 or None")
-  check("weight_decay", weight_decay, weight_decay >= 0, "must be >= 0")
-  adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+def _clipped_adamw(learning_rate: Any, max_grad_norm: float | None, weight_decay: float,
+                   b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   if max_grad_norm is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+
+
+def make_optimizer(schedule: float | optax.Schedule, *, max_grad_norm: float | None = 1.0,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """Global-norm clipping (skipped when ``max_grad_norm`` is None) then AdamW.
+
+  The learning rate is data, not a constant of the compiled step: it is a hyperparameter held in
+  the optimizer state (``optax.inject_hyperparams``), which ``make_update_step`` sets on every
+  step from the schedule evaluated on the host. One compiled step then serves every schedule and
+  every round length. ``schedule`` here only gives the state's initial value.
+  """
+  check("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0,
+        "must be > 0 or None")
+  check("weight_decay", weight_decay, weight_decay >= 0, "must be >= 0")
+  initial = float(schedule(0)) if callable(schedule) else float(schedule)
+  return optax.inject_hyperparams(
+      _clipped_adamw, static_args=("max_grad_norm", "weight_decay", "b1", "b2", "eps"),
+      hyperparam_dtype=jnp.float32)(
+          learning_rate=initial, max_grad_norm=max_grad_norm, weight_decay=weight_decay, b1=b1,
+          b2=b2, eps=eps)
+
+
+def with_learning_rate(opt_state: Any, learning_rate: jax.Array) -> Any:
+  """``opt_state`` of ``make_optimizer`` with its learning rate set to ``learning_rate``."""
+  if not isinstance(getattr(opt_state, "hyperparams", None), dict) or \
+      "learning_rate" not in opt_state.hyperparams:
+    raise ValueError("the optimizer state has no injected learning_rate: build the optimizer "
+                     "with training.make_optimizer")
+  current = opt_state.hyperparams["learning_rate"]
+  hyperparams = {**opt_state.hyperparams,
+                 "learning_rate": jnp.asarray(learning_rate, current.dtype)}
+  return opt_state._replace(hyperparams=hyperparams)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -158,6 +187,21 @@ def create_train_state(config: TransformerConfig, optimizer: optax.GradientTrans
     frozen["base"] = params
   if reference_params is not None:
     frozen["reference"] = reference_params
+  make = _compiled_make(config, optimizer, mesh, rules, lora_config)
+  if mesh is None:
+    return make(params, lora_rng, state_rng).replace(frozen=frozen or None)
+  out = state_shardings(config, optimizer, mesh, rules, lora_config=lora_config,
+                        frozen_keys=tuple(frozen))
+  params = jax.device_put(params, param_shardings(config, mesh, rules))
+  state = make(params, lora_rng, state_rng)
+  return state.replace(frozen=jax.device_put(frozen, out.frozen) if frozen else None)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_make(config: TransformerConfig, optimizer: optax.GradientTransformation,
+                   mesh: Mesh | None, rules: sh.Rules, lora_config: lora.LoraConfig | None):
+  """The jitted state creation, kept per (model, optimizer, mesh, rules, LoRA): every round of a
+  run creates its fresh state without compiling again."""
   names = param_logical_names(config)
 
   def make(params, lora_rng, state_rng):
@@ -169,12 +213,7 @@ def create_train_state(config: TransformerConfig, optimizer: optax.GradientTrans
                       opt_state=optimizer.init(trainable), rng=state_rng)
 
   if mesh is None:
-    state = jax.jit(make)(params, lora_rng, state_rng)
-    return state.replace(frozen=frozen or None)
-  out = state_shardings(config, optimizer, mesh, rules, lora_config=lora_config,
-                        frozen_keys=tuple(frozen))
-  full = param_shardings(config, mesh, rules)
-  params = jax.device_put(params, full)
-  state = jax.jit(make, out_shardings=out.replace(frozen=None))(params, lora_rng, state_rng)
-  return state.replace(frozen=jax.device_put(frozen, out.frozen) if frozen else None)
+    return jax.jit(make)
+  out = state_shardings(config, optimizer, mesh, rules, lora_config=lora_config)
+  return jax.jit(make, out_shardings=out.replace(frozen=None))
 

@@ -1,13 +1,16 @@
 """The update step: one jitted function for every loss, and a host-side check for non-finite losses.
 
-``make_update_step`` returns ``update_step(state, batch, rng) -> (state, metrics)``. Inside one jit
-(traced once per batch shape) it
+``make_update_step`` returns ``update_step(state, batch, rng, learning_rate=None) -> (state,
+metrics)``. The learning rate is an argument of the compiled step (by default the schedule at
+``state.step``, evaluated on the host), so one compilation serves every schedule and round length.
+Inside one jit (traced once per batch shape) it
   1. splits the batch into ``num_microbatches`` strided micro-batches (rows k, k + n, k + 2n, ...:
      every device keeps its share of each micro-batch, so no rows move between devices) and scans
      over them, adding each micro-batch's gradient weighted by its ``LOSS_DENOMINATOR``; dividing
      by the summed denominators gives exactly the whole-batch mean (per token, sequence or pair);
-  2. forms the forward's parameters: LoRA adapters merged into the frozen base, optionally cast
-     to a compute dtype (float32 master weights stay in the state);
+  2. forms the forward's parameters: the frozen base with LoRA adapters beside it
+     (``models.LoraParams``: x·W + s·(x·A)·B in every adapted projection, no merged copy),
+     optionally cast to a compute dtype (float32 master weights stay in the state);
   3. clips and applies the optimizer update, and keeps the previous state instead when the loss or
      the gradient norm is not finite (decided on device: the old buffers are donated).
 ``run_step`` wraps it for drivers and tests: it blocks on the metrics (which also keeps the
@@ -28,11 +31,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from selfimprove_jax.models.transformer import Transformer
+from selfimprove_jax.models.transformer import LoraParams, Transformer, cast_floats
 from selfimprove_jax.training import lora
 from selfimprove_jax.training import remat as remat_lib
 from selfimprove_jax.training.losses import LOSS_DENOMINATOR, check
-from selfimprove_jax.training.state import TrainState, batch_sharding, replicated
+from selfimprove_jax.training.state import (TrainState, batch_sharding, replicated,
+                                            with_learning_rate)
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -58,13 +62,8 @@ def split_microbatches(batch: dict, num_microbatches: int) -> dict:
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
-def _cast_floats(tree: Any, dtype: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
-
-
 def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.GradientTransformation,
-                     *, schedule: float | optax.Schedule,
+                     *, schedule: float | optax.Schedule | None = None,
                      state_shardings: TrainState | None = None, num_microbatches: int = 1,
                      lora_config: lora.LoraConfig | None = None, compute_dtype: str | None = None,
                      remat: str | None = None, mesh: Mesh | None = None) -> Callable:
@@ -74,8 +73,9 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
     model: the ``Transformer``; its mesh and rules place the activations.
     loss_fn: ``(params, batch, rng, *, model, ref_params) -> (loss, aux)`` (``registry.make_loss``),
       ``aux`` containing ``LOSS_DENOMINATOR``.
-    optimizer: the optax transformation that made ``state.opt_state``.
-    schedule: the learning rate (constant or schedule) the optimizer uses, for the metric.
+    optimizer: ``state.make_optimizer(...)``, which made ``state.opt_state``.
+    schedule: the learning rate (constant or schedule of the step count) used when a call passes
+      none; evaluated on the host, never compiled in. None: every call passes ``learning_rate``.
     state_shardings: ``state.state_shardings(...)`` for the state; required with a mesh.
     num_microbatches: gradient accumulation factor; must divide the batch size.
     lora_config: when set, ``state.params`` are adapters over ``state.frozen["base"]``.
@@ -89,7 +89,8 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
     mesh: defaults to ``model.mesh``.
   Returns:
     ``update_step``; ``update_step.jitted`` is the jitted core ``(state without frozen, frozen,
-    batch, rng)`` (for ``.lower``) and ``update_step.trace_count()`` counts its traces.
+    batch, rng, learning_rate)`` (for ``.lower``) and ``update_step.trace_count()`` counts its
+    traces.
   """
   mesh = model.mesh if mesh is None else mesh
   if model.mesh is not None and mesh is not model.mesh:
@@ -102,7 +103,7 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
         f"must be None or one of {sorted(remat_lib.POLICIES)}")
   check("state_shardings", state_shardings, mesh is None or state_shardings is not None,
         "a mesh needs the state's shardings (training.state_shardings)")
-  lr_fn = schedule if callable(schedule) else (lambda _: jnp.asarray(schedule, jnp.float32))
+  lr_fn = schedule if callable(schedule) or schedule is None else (lambda _: schedule)
   data_sharding = None if mesh is None else batch_sharding(mesh, model.rules)
   traces = [0]
 
@@ -111,12 +112,12 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
     if lora_config is not None:
       if "base" not in frozen:
         raise ValueError("lora_config is set but state.frozen has no 'base' parameters")
-      params = lora.merge(frozen["base"], trainable, lora_config)
+      params = LoraParams(base=frozen["base"], adapters=trainable, scale=lora_config.scale)
     # Under LoRA the base (adapters off) is the reference, unless one is given explicitly.
     reference = frozen.get("reference", frozen.get("base"))
     if compute_dtype is not None:
-      params = _cast_floats(params, jnp.dtype(compute_dtype))
-      reference = None if reference is None else _cast_floats(reference, jnp.dtype(compute_dtype))
+      params = cast_floats(params, jnp.dtype(compute_dtype))
+      reference = None if reference is None else cast_floats(reference, jnp.dtype(compute_dtype))
     return params, reference
 
   def micro_loss(trainable, frozen, micro, key):
@@ -134,7 +135,7 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
       return tree
     return jax.lax.with_sharding_constraint(tree, state_shardings.params)
 
-  def step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array):
+  def step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, learning_rate: jax.Array):
     traces[0] += 1
     frozen = {} if frozen is None else frozen
     key = jax.random.fold_in(rng, state.step)
@@ -163,7 +164,9 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    learning_rate = jnp.asarray(learning_rate, jnp.float32)
+    updates, opt_state = optimizer.update(grads, with_learning_rate(state.opt_state, learning_rate),
+                                          state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
@@ -171,7 +174,7 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
         params=keep_old(optax.apply_updates(state.params, updates), state.params),
         opt_state=keep_old(opt_state, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm,
-               "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32),
+               "learning_rate": learning_rate,
                **{k: jnp.mean(v.astype(jnp.float32)) for k, v in aux.items()}}
     return new_state, metrics
 
@@ -181,12 +184,19 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
     rep = replicated(mesh)
     core = state_shardings.replace(frozen=None)
     jitted = jax.jit(step, donate_argnames=("state",),
-                     in_shardings=(core, state_shardings.frozen, data_sharding, rep),
+                     in_shardings=(core, state_shardings.frozen, data_sharding, rep, rep),
                      out_shardings=(core, rep))
 
   expected_frozen = None if state_shardings is None else sorted(state_shardings.frozen or {})
 
-  def update_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+  def update_step(state: TrainState, batch: dict, rng: jax.Array,
+                  learning_rate: float | None = None) -> tuple[TrainState, dict]:
+    if learning_rate is None:
+      if lr_fn is None:
+        raise ValueError("update_step: pass learning_rate (make_update_step got no schedule)")
+      learning_rate = lr_fn(int(state.step))
+    # A host scalar: the same value on every process, placed replicated.
+    learning_rate = np.float32(learning_rate)
     if expected_frozen is not None and sorted(state.frozen or {}) != expected_frozen:
       raise ValueError(f"state.frozen has trees {sorted(state.frozen or {})} but state_shardings "
                        f"were built for {expected_frozen} (state_shardings(frozen_keys=...))")
@@ -197,7 +207,7 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
       # refuses NumPy inputs with a non-replicated sharding when there are several processes).
       batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else
                            jax.device_put(x, data_sharding), batch)
-    new_state, metrics = jitted(state.replace(frozen=None), state.frozen, batch, rng)
+    new_state, metrics = jitted(state.replace(frozen=None), state.frozen, batch, rng, learning_rate)
     return new_state.replace(frozen=state.frozen), metrics
 
   update_step.jitted = jitted
@@ -206,15 +216,18 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
 
 
 def run_step(update_step: Callable, state: TrainState, batch: dict,
-             rng: jax.Array | None = None) -> tuple[TrainState, dict[str, float]]:
+             rng: jax.Array | None = None, learning_rate: float | None = None
+             ) -> tuple[TrainState, dict[str, float]]:
   """Runs one step, blocks on its metrics and returns them as floats.
 
-  ``rng`` defaults to ``state.rng`` (the step folds in the step number, so every step differs).
+  ``rng`` defaults to ``state.rng`` (the step folds in the step number, so every step differs);
+  ``learning_rate`` to the step's schedule at ``state.step``.
   Raises ``NonFiniteLossError`` (a ``FloatingPointError``) naming the step when the loss or the
   gradient norm is not finite; the error's ``state`` is the kept pre-step state to continue from.
   """
   step = int(state.step)
-  new_state, metrics = update_step(state, batch, state.rng if rng is None else rng)
+  new_state, metrics = update_step(state, batch, state.rng if rng is None else rng,
+                                   learning_rate)
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
     raise NonFiniteLossError(step, metrics, new_state)

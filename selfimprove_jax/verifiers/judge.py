@@ -22,6 +22,7 @@ import numpy as np
 
 from selfimprove_jax import multihost
 from selfimprove_jax.models import Transformer
+from selfimprove_jax.models.transformer import variables as model_variables
 from selfimprove_jax.tokenizer import Tokenizer
 from selfimprove_jax.verifiers.base import check_batch
 from selfimprove_jax.verifiers.self_reward import pad_left
@@ -71,7 +72,7 @@ def check_template(template: str) -> None:
 @functools.partial(jax.jit, static_argnames=("model",))
 def _next_token_logprobs(model: Transformer, params: Any, tokens_BxL: jax.Array,
                          mask_BxL: jax.Array, label_ids_K: jax.Array) -> jax.Array:
-  variables = {"params": params}
+  variables = model_variables(params)
   hidden_BxLxD, _ = model.apply(variables, tokens_BxL, None, mask_BxL, return_hidden=True)
   # Rows are left-padded, so every row's last real token sits at the last index.
   logits_Bx1xV = model.apply(variables, hidden_BxLxD[:, -1:], method=Transformer.logits)
@@ -81,11 +82,11 @@ def _next_token_logprobs(model: Transformer, params: Any, tokens_BxL: jax.Array,
 
 def next_token_logprobs(model: Transformer, params: Any, token_ids: Sequence[Sequence[int]],
                         label_ids: Sequence[int], *, batch_size: int = 8,
-                        pad_multiple: int = 16) -> np.ndarray:
+                        min_length: int = 16) -> np.ndarray:
   """log p(label | tokens) (nats, float32) for each id list and label: (S, K).
 
   One forward pass per batch of ``batch_size`` rows (the last batch padded); lengths padded to
-  multiples of ``pad_multiple`` so few shapes compile.
+  power-of-two buckets (``scoring.length_bucket``, >= ``min_length``) so few shapes compile.
   """
   if batch_size < 1:
     raise ValueError(f"next_token_logprobs: batch_size={batch_size} must be >= 1")
@@ -97,7 +98,7 @@ def next_token_logprobs(model: Transformer, params: Any, token_ids: Sequence[Seq
   if labels_K.ndim != 1 or labels_K.size == 0 or labels_K.min() < 0 or labels_K.max() >= vocab:
     raise ValueError(f"next_token_logprobs: label_ids={list(label_ids)} must be ids in "
                      f"[0, {vocab})")
-  tokens_SxL, mask_SxL = pad_left(token_ids, pad_multiple)
+  tokens_SxL, mask_SxL = pad_left(token_ids, min_length)
   S = len(token_ids)
   padded = -(-S // batch_size) * batch_size
   tokens_SxL = np.pad(tokens_SxL, ((0, padded - S), (0, 0)))
@@ -113,7 +114,7 @@ class _TokenJudge:
   """Formats the template, tokenizes, and reads log-probs at the label tokens."""
 
   def __init__(self, model: Transformer, params: Any, tokenizer: Tokenizer, template: str,
-               labels: Sequence[str], batch_size: int, pad_multiple: int):
+               labels: Sequence[str], batch_size: int, min_length: int):
     check_template(template)
     ids = []
     for label in labels:
@@ -126,7 +127,7 @@ class _TokenJudge:
       raise ValueError(f"judge labels {list(labels)} map to repeated token ids {ids}")
     self.model, self.params, self.tokenizer, self.template = model, params, tokenizer, template
     self.labels, self.label_ids = tuple(labels), tuple(ids)
-    self.batch_size, self.pad_multiple = batch_size, pad_multiple
+    self.batch_size, self.min_length = batch_size, min_length
 
   def format(self, prompt: str, completion: str) -> str:
     return self.template.format(prompt=prompt, completion=completion)
@@ -137,7 +138,7 @@ class _TokenJudge:
     texts = [self.format(p, c) for p, c in zip(prompts, completions)]
     ids = self.tokenizer.encode_batch(texts, add_bos=True)
     return next_token_logprobs(self.model, self.params, ids, self.label_ids,
-                               batch_size=self.batch_size, pad_multiple=self.pad_multiple)
+                               batch_size=self.batch_size, min_length=self.min_length)
 
   def label_distribution(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
     """The next-token distribution restricted to the labels and renormalized: (S, K) float64."""
@@ -152,8 +153,8 @@ class YesNoJudge(_TokenJudge):
 
   def __init__(self, model: Transformer, params: Any, tokenizer: Tokenizer,
                template: str = YES_NO_TEMPLATE, *, yes: str = " Yes", no: str = " No",
-               batch_size: int = 8, pad_multiple: int = 16):
-    super().__init__(model, params, tokenizer, template, (yes, no), batch_size, pad_multiple)
+               batch_size: int = 8, min_length: int = 16):
+    super().__init__(model, params, tokenizer, template, (yes, no), batch_size, min_length)
     self.__name__ = "yes_no_judge"
 
   def __call__(self, prompts: list[str], completions: list[str],
@@ -169,10 +170,10 @@ class RubricJudge(_TokenJudge):
 
   def __init__(self, model: Transformer, params: Any, tokenizer: Tokenizer,
                template: str = RUBRIC_TEMPLATE, *, scores: Mapping[str, float] = RUBRIC_SCORES,
-               batch_size: int = 8, pad_multiple: int = 16):
+               batch_size: int = 8, min_length: int = 16):
     if len(scores) < 2:
       raise ValueError(f"RubricJudge: scores={dict(scores)} needs at least two labels")
-    super().__init__(model, params, tokenizer, template, tuple(scores), batch_size, pad_multiple)
+    super().__init__(model, params, tokenizer, template, tuple(scores), batch_size, min_length)
     self.values = np.array([float(scores[label]) for label in self.labels])
     self.__name__ = "rubric_judge"
 

@@ -6,8 +6,9 @@ Token-level entry point: ``score_completions`` (what the sampler produced, exact
 ``SelfReward``, a reward function that tokenizes the prompt (with BOS) and the completion (without)
 separately and appends EOS, which is how a sampled completion follows its prompt.
 
-Sequences are padded to multiples of ``pad_multiple`` so that a stream of batches of varying
-lengths compiles a handful of shapes, not one per batch.
+Prompts and completions are padded to power-of-two lengths (``scoring.length_bucket``, at least
+the given minimums) so that a stream of batches of varying lengths compiles a handful of shapes,
+not one per batch; a caller that knows its longest lengths passes them and compiles one.
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ def _check_ids(name: str, rows: Sequence[Sequence[int]], vocab_size: int) -> lis
   return out
 
 
-def pad_left(rows: Sequence[Sequence[int]], multiple: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads id lists with 0 to a common length rounded up to ``multiple``.
+def pad_left(rows: Sequence[Sequence[int]], min_length: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads id lists with 0 to ``scoring.length_bucket`` of the longest (>= ``min_length``).
 
   Returns (tokens_SxL int32, mask_SxL bool), True at real tokens.
   """
-  length = scoring.round_up(max(max((len(r) for r in rows), default=1), 1), multiple)
+  length = scoring.length_bucket(max((len(r) for r in rows), default=1), min_length)
   tokens_SxL = np.zeros((len(rows), length), np.int32)
   mask_SxL = np.zeros((len(rows), length), bool)
   for s, ids in enumerate(rows):
@@ -53,7 +54,8 @@ def pad_left(rows: Sequence[Sequence[int]], multiple: int) -> tuple[np.ndarray, 
 
 def score_completions(model: Transformer, params: Any, prompt_ids: Sequence[Sequence[int]],
                       completion_ids: Sequence[Sequence[int]], *, batch_size: int = 8,
-                      chunk_size: int | None = None, pad_multiple: int = 16) -> scoring.Scores:
+                      chunk_size: int | None = scoring.DEFAULT_CHUNK, min_prompt_len: int = 16,
+                      min_completion_len: int = 16) -> scoring.Scores:
   """Teacher-forced scores of each completion after its prompt (``scoring.Scores`` of NumPy
   arrays with leading dimension S = number of pairs).
 
@@ -67,8 +69,8 @@ def score_completions(model: Transformer, params: Any, prompt_ids: Sequence[Sequ
   vocab = model.config.vocab_size
   prompts = _check_ids("prompt_ids", prompt_ids, vocab)
   completions = _check_ids("completion_ids", completion_ids, vocab)
-  prompt_SxP, prompt_mask_SxP = pad_left(prompts, pad_multiple)
-  C = scoring.round_up(max(max((len(c) for c in completions), default=1), 1), pad_multiple)
+  prompt_SxP, prompt_mask_SxP = pad_left(prompts, min_prompt_len)
+  C = scoring.length_bucket(max((len(c) for c in completions), default=1), min_completion_len)
   completion_SxC = np.zeros((len(completions), C), np.int32)
   for s, ids in enumerate(completions):
     completion_SxC[s, :len(ids)] = ids
@@ -99,18 +101,17 @@ class SelfReward:
     tokenizer: text -> ids for that model.
     kind: "logprob" (sum, nats), "mean_logprob" (per token) or "self_certainty" (mean KL(U || p)).
     append_eos: score the EOS that ends a finished completion (the sharpening definition of y).
-    batch_size, chunk_size, pad_multiple: passed to ``score_completions``.
+    batch_size, chunk_size: passed to ``score_completions``.
   """
 
   def __init__(self, model: Transformer, params: Any, tokenizer: Tokenizer, kind: str = "logprob",
-               *, append_eos: bool = True, batch_size: int = 8, chunk_size: int | None = None,
-               pad_multiple: int = 16):
+               *, append_eos: bool = True, batch_size: int = 8,
+               chunk_size: int | None = scoring.DEFAULT_CHUNK):
     if kind not in SELF_REWARD_KINDS:
       raise ValueError(f"SelfReward: kind={kind!r} is not one of {SELF_REWARD_KINDS}")
     self.model, self.params, self.tokenizer, self.kind = model, params, tokenizer, kind
     self.append_eos = append_eos
-    self.score_kwargs = dict(batch_size=batch_size, chunk_size=chunk_size,
-                             pad_multiple=pad_multiple)
+    self.score_kwargs = dict(batch_size=batch_size, chunk_size=chunk_size)
     self.__name__ = f"self_reward_{kind}"
 
   def token_ids(self, prompts: Sequence[str], completions: Sequence[str]
