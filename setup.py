@@ -39,7 +39,12 @@ setup(
             "nbformat>=5.9",  # tests/test_colabs.py reads and runs colabs/*.ipynb
             "nbclient>=0.10",
             "ipykernel>=6.29",
+            # libtpu: the TPU compiler, for the compile-only memory check's XLA:TPU tests.
+            "jax[tpu]>=0.10.2,<0.11",
         ],
+        # Compile for TPU slices on any machine (python -m selfimprove_jax.compile_check
+        # --topology=v5e:2x4): libtpu ships XLA:TPU.
+        "aot": ["jax[tpu]>=0.10.2,<0.11"],
         # gcsfs: gs:// paths (workdirs, checkpoints, TFDS data) through etils.epath without TensorFlow.
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2025.1"],
         "gpu": ["jax[cuda13]>=0.10.2,<0.11", "gcsfs>=2025.1"],

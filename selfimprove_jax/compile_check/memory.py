@@ -30,7 +30,10 @@ class StepMemory:
 
   ``argument``/``output``/``alias``/``temp`` are XLA's ``memory_analysis()`` (None when the step
   was only accounted, ``compile=False``, or the backend has no analysis). ``kv_cache`` lives
-  inside ``temp``; ``params + optimizer + inputs`` should equal ``argument``.
+  inside ``temp``; ``params + optimizer + inputs`` should equal ``argument``. ``params`` counts
+  every weight the step holds: trainable and frozen (a LoRA base, a reference copy).
+  ``refused``: the compiler's own out-of-memory refusal (XLA:TPU's RESOURCE_EXHAUSTED), with
+  ``temp`` the temporaries it said it needed: the step does not fit.
   """
 
   step: str
@@ -46,10 +49,11 @@ class StepMemory:
   budget: int | None = None
   lower_s: float | None = None
   compile_s: float | None = None
+  refused: str | None = None
 
   @property
   def compiled(self) -> bool:
-    return self.temp is not None
+    return self.temp is not None and self.refused is None
 
   @property
   def accounted(self) -> int:
@@ -60,13 +64,22 @@ class StepMemory:
   def total(self) -> int:
     """Peak estimate: arguments + outputs - aliased + temporaries; without a compile, the
     accounted arguments plus the KV cache (a lower bound)."""
+    if self.refused is not None:
+      return self.accounted + (self.temp or 0)
     if not self.compiled:
       return self.accounted + self.kv_cache
     return self.argument + self.output - self.alias + self.temp
 
   @property
   def fits(self) -> bool | None:
+    if self.refused is not None:
+      return False
     return None if self.budget is None else self.total <= self.budget
+
+  @property
+  def headroom(self) -> float | None:
+    """The budget's unused fraction (negative when over)."""
+    return None if self.budget is None else 1.0 - self.total / self.budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,23 +172,26 @@ def format_report(report: Report) -> str:
   """The per-device table of every step, with the budget verdict."""
   cfg = report.config
   n_params = param_count(cfg)
-  itemsize = jnp.dtype(cfg.param_dtype).itemsize
   mesh = " ".join(f"{k}={v}" for k, v in report.mesh_shape.items())
   devices = math.prod(report.mesh_shape.values())
-  out = [f"compile-only memory check: {report.preset} ({n_params:,} params, {cfg.param_dtype}) on "
-         f"mesh {mesh} = {devices} {report.platform} device(s) [{report.device_kind}]",
-         "all sizes are per device"]
+  out = [f"compile-only memory check: {report.preset} ({n_params:,} params, computing in "
+         f"{cfg.dtype}) on mesh {mesh} = {devices} {report.platform} device(s) "
+         f"[{report.device_kind}]", "all sizes are per device"]
+  inputs_note = {"update": "batch, step, key, learning rate",
+                 "sample": "prompts, sampling params, stop ids, key",
+                 "score": "tokens and masks"}
   for s in report.steps:
     timing = ("not compiled: sharding arithmetic only" if s.compile_s is None else
               f"lower {s.lower_s:.1f} s, compile {s.compile_s:.1f} s"
-              + ("" if s.compiled else "; the backend gave no memory analysis"))
+              + ("" if s.compiled or s.refused else "; the backend gave no memory analysis"))
     out += ["", f"{s.step} step: {s.description}  ({timing})"]
-    split = n_params * itemsize / s.params if s.params else float("nan")
-    out.append(_line("params", s.params, f"= {n_params:,} x {itemsize} B / {split:.2f}"))
+    out.append(_line("params", s.params, f"{s.params / n_params:.3f} B per model parameter"))
     if s.step == "update":
-      out.append(_line("optimizer state", s.optimizer, "AdamW mu + nu, in the params' dtype"))
-    out.append(_line("inputs", s.inputs, "batch" if s.step == "update" else
-                     "prompts, sampling params, stop ids, key"))
+      out.append(_line("optimizer state", s.optimizer, "AdamW mu + nu (float32), counters, lr"))
+    out.append(_line("inputs", s.inputs, inputs_note[s.step]))
+    if s.refused is not None:
+      out.append(_line("temporaries (XLA)", s.temp, "the compiler's figure in its refusal"))
+      out.append(f"  refused by the compiler: {s.refused}")
     if s.compiled:
       parts = "params + optimizer + inputs" if s.step == "update" else "params + inputs"
       check_note = (f"= {parts}" if abs(s.argument - s.accounted) <= 0.01 * s.accounted
@@ -188,11 +204,13 @@ def format_report(report: Report) -> str:
       out.append(_line("  of which KV cache" if s.compiled else "KV cache", s.kv_cache,
                        "k, v of every layer + slot positions"))
     out.append(_line("total", s.total, "arguments + outputs - aliased + temporaries" if s.compiled
-                     else "lower bound: no temporaries without a compile"))
+                     else "params + optimizer + inputs + temporaries (outputs unknown)"
+                     if s.refused else "lower bound: no temporaries without a compile"))
     if s.budget is not None:
       margin = s.budget - s.total
-      verdict = (f"FITS ({margin / GIB:.2f} GiB to spare)" if s.fits
-                 else f"DOES NOT FIT (over by {-margin / GIB:.2f} GiB)")
+      verdict = (f"FITS ({margin / GIB:.2f} GiB, {s.headroom:.0%} to spare)" if s.fits
+                 else "DOES NOT FIT" + (f" (over by {-margin / GIB:.2f} GiB)" if margin < 0
+                                        else " (refused by the compiler)"))
       out.append(_line("budget", s.budget, verdict))
   if report.platform == "cpu" and any(s.compiled for s in report.steps):
     out += ["", "note: temporaries come from XLA:CPU, which converts bfloat16 matmul weights to "

@@ -1,5 +1,5 @@
-"""The checked steps: the real sharded update step and sampler, lowered on abstract params and
-compiled, with the inputs validated first (a bad value names its flag).
+"""The checked steps: the real sharded update step, sampler and scorer, lowered on abstract
+inputs (``inputs``) and compiled, with every input validated first (a bad value names its flag).
 """
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.compile_check.memory import (GIB, Report, StepMemory, abstract_params,
-                                                  batch_shards, kv_cache_bytes, leaf_bytes,
-                                                  train_state_shardings, tree_bytes)
+from selfimprove_jax.compile_check import inputs, topology
+from selfimprove_jax.compile_check.memory import (GIB, Report, StepMemory, batch_shards,
+                                                  kv_cache_bytes, leaf_bytes, tree_bytes)
 from selfimprove_jax.models import PRESETS, TINY, Transformer, TransformerConfig, get_preset
 from selfimprove_jax.models.config import DTYPES
 from selfimprove_jax.sampling import SamplingParams, generate
+from selfimprove_jax.scoring import DEFAULT_CHUNK, score_jit
 from selfimprove_jax.training import remat as remat_lib
-from selfimprove_jax.training.registry import make_loss
-from selfimprove_jax.training.state import TrainState, batch_sharding, make_optimizer, make_schedule
-from selfimprove_jax.training.step import COMPUTE_DTYPES, make_update_step
+from selfimprove_jax.training.state import make_optimizer, state_shardings
+from selfimprove_jax.training.step import make_update_step
 
-STEPS = ("update", "sample")
+STEPS = ("update", "sample", "score")
 # XLA:CPU options that skip LLVM's optimization of the generated code, which a compile-only check
 # never runs: up to half the compile time saved, the same memory analysis (buffer
 # assignment happens on the HLO, before code generation). The CLI uses them on CPU devices.
@@ -61,7 +61,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def resolve_preset(preset: str | TransformerConfig, dtype: str) -> tuple[str, TransformerConfig]:
-  """(name, config with parameter and activation dtype ``dtype``), as the loop builds a preset."""
+  """(name, config computing in ``dtype``, parameters stored in it: the sampling copy)."""
   if dtype not in DTYPES:
     fail("dtype", dtype, f"must be one of {DTYPES}")
   if isinstance(preset, TransformerConfig):
@@ -86,78 +86,84 @@ def build_mesh(mesh: Mesh | dict[str, int] | str, devices: Sequence[Any] | None 
 
 # ---------------------------------------------------------------------------------- the steps
 
-def _compile(lowered, compiler_options: dict[str, Any] | None) -> tuple[Any, float]:
+def _lower_and_compile(build, compiler_options: dict[str, Any] | None) -> dict[str, Any]:
+  """Lowers ``build()`` and compiles it: XLA's memory analysis and the timings, or the numbers of
+  the compiler's out-of-memory refusal (reported as a step that does not fit, not raised)."""
   start = time.perf_counter()
-  compiled = lowered.compile(compiler_options=compiler_options)
-  return compiled, time.perf_counter() - start
+  lowered = build()
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile(compiler_options=compiler_options)
+  except Exception as e:  # pylint: disable=broad-except
+    numbers = topology.refusal(str(e))
+    if numbers is None:
+      raise
+    return dict(temp=numbers["temp"], refused=str(e).strip().splitlines()[0][:300],
+                lower_s=lower_s, compile_s=time.perf_counter() - start)
+  compile_s = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  analysis = dict(argument=None, output=None, alias=None, temp=None) if stats is None else dict(
+      argument=int(stats.argument_size_in_bytes), output=int(stats.output_size_in_bytes),
+      alias=int(stats.alias_size_in_bytes), temp=int(stats.temp_size_in_bytes))
+  return dict(**analysis, lower_s=lower_s, compile_s=compile_s)
 
 
-def _analysis(compiled) -> dict[str, int | None]:
-  stats = compiled.memory_analysis() if compiled is not None else None
-  if stats is None:
-    return dict(argument=None, output=None, alias=None, temp=None)
-  return dict(argument=int(stats.argument_size_in_bytes), output=int(stats.output_size_in_bytes),
-              alias=int(stats.alias_size_in_bytes), temp=int(stats.temp_size_in_bytes))
+def _mesh_text(mesh: Mesh) -> str:
+  return "mesh " + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
 
 
-def update_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, seq_len: int,
-                       num_microbatches: int = 1, compute_dtype: str | None = None,
-                       remat: str | None = None, chunk_size: int | None = None,
-                       budget: int | None = None, compile: bool = True,
+def _replicated(mesh: Mesh, shape=(), dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def update_step_memory(config: TransformerConfig, mesh: Mesh, recipe: inputs.Recipe, *,
+                       batch: int, seq_len: int, budget: int | None = None, compile: bool = True,
                        compiler_options: dict[str, Any] | None = None) -> StepMemory:
-  """Memory of the SFT update step on a (batch, seq_len) batch, full fine-tuning with AdamW.
+  """Memory of the loop's update step for ``recipe`` on ``batch`` rows of ``seq_len`` tokens.
 
-  Builds ``make_update_step``'s jitted core exactly as the loop does (``TRAIN_RULES``, the state
-  donated) and lowers it on abstract inputs:
-    state   step () int32, params (each leaf sharded by ``param_shardings``), opt_state (AdamW mu
-            and nu like the params, counters replicated), rng key (replicated)
-    batch   tokens_BxL int32, input_mask_BxL bool, loss_mask_BxL bool; B split over data x fsdp
+  Builds ``make_update_step``'s jitted core as the loop does (``TRAIN_RULES``, the state donated,
+  frozen trees beside it, the learning rate an argument) and lowers it on ``inputs.train_state``
+  and ``inputs.update_batch``. ``config.dtype`` is the compute dtype.
   """
   positive_int("batch", batch)
   positive_int("seq_len", seq_len)
-  positive_int("num_microbatches", num_microbatches)
+  positive_int("num_microbatches", recipe.num_microbatches)
   if seq_len < 2:
     fail("seq_len", seq_len, "must be >= 2 (a token is scored given the one before it)")
   shards = batch_shards(mesh)
-  if batch % (shards * num_microbatches):
+  if batch % (shards * recipe.num_microbatches):
     fail("batch", batch, f"must be a multiple of the mesh's {shards} batch shards (data x fsdp) "
-          f"times num_microbatches={num_microbatches}")
-  if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-    fail("compute_dtype", compute_dtype, f"must be empty or one of {COMPUTE_DTYPES}")
-  if remat is not None and remat not in remat_lib.POLICIES:
-    fail("remat", remat, f"must be empty or one of {sorted(remat_lib.POLICIES)}")
-
-  loss = make_loss("sft", chunk_size=chunk_size)  # validates chunk_size, compiled or not
-  optimizer = make_optimizer(make_schedule("constant", 1e-5))
-  shardings = train_state_shardings(config, optimizer, mesh)
-  shapes = jax.eval_shape(
-      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                           rng=jax.random.key(0)), abstract_params(config)[0])
-  state = sh.abstract(shapes, shardings)
-  data = batch_sharding(mesh, sh.TRAIN_RULES)
-  inputs = {"tokens_BxL": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=data),
-            "input_mask_BxL": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=data),
-            "loss_mask_BxL": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=data)}
-  rng = state.rng
-
-  description = (f"SFT, batch {batch} x {seq_len} tokens, {num_microbatches} micro-batch(es), "
-                 f"remat={remat or 'none'}, compute in {compute_dtype or config.dtype}")
+          f"times num_microbatches={recipe.num_microbatches}")
+  if recipe.loss not in inputs.LOSSES:
+    fail("loss", recipe.loss, f"must be one of {inputs.LOSSES}")
+  if recipe.reference and recipe.loss != "policy_gradient":
+    fail("reference", recipe.reference, "only the policy_gradient loss keeps reference params")
+  if recipe.remat is not None and recipe.remat not in remat_lib.POLICIES:
+    fail("remat", recipe.remat, f"must be empty or one of {sorted(remat_lib.POLICIES)}")
+  if recipe.lora_rank < 0:
+    fail("lora_rank", recipe.lora_rank, "must be >= 0 (0 = full fine-tuning)")
+  loss = recipe.loss_fn()  # validates chunk_size, compiled or not
+  master = config.replace(param_dtype=config.dtype if recipe.lora_rank else "float32")
+  optimizer = make_optimizer(1e-5)
+  state, frozen = inputs.train_state(master, recipe, optimizer, mesh)
+  data = inputs.update_batch(recipe, batch, seq_len, mesh)
+  learning_rate = _replicated(mesh)
   report = StepMemory(
-      step="update", description=description, params=tree_bytes(state.params),
-      optimizer=tree_bytes(state.opt_state), kv_cache=0,
-      # state.rng is not read by the step, so jit drops it from the arguments (keep_unused=False).
-      inputs=tree_bytes(inputs) + leaf_bytes(state.step) + leaf_bytes(rng), budget=budget)
+      step="update", description=f"{recipe.describe(batch, seq_len)}, compute in {config.dtype}",
+      params=tree_bytes(state.params) + tree_bytes(frozen), optimizer=tree_bytes(state.opt_state),
+      kv_cache=0, inputs=tree_bytes(data) + leaf_bytes(state.step) + leaf_bytes(state.rng)
+      + leaf_bytes(learning_rate), budget=budget)
   if not compile:
     return report
-  model = Transformer(config, mesh, sh.TRAIN_RULES)
-  update = make_update_step(model, loss, optimizer, schedule=1e-5, state_shardings=shardings,
-                            num_microbatches=num_microbatches, compute_dtype=compute_dtype,
-                            remat=remat, mesh=mesh)
-  start = time.perf_counter()
-  lowered = update.jitted.lower(state, None, inputs, rng)
-  lower_s = time.perf_counter() - start
-  compiled, compile_s = _compile(lowered, compiler_options)
-  return dataclasses.replace(report, **_analysis(compiled), lower_s=lower_s, compile_s=compile_s)
+  shardings = state_shardings(master, optimizer, mesh, sh.TRAIN_RULES,
+                              lora_config=recipe.lora_config, frozen_keys=tuple(frozen or ()))
+  update = make_update_step(
+      Transformer(master, mesh, sh.TRAIN_RULES), loss, optimizer, state_shardings=shardings,
+      num_microbatches=recipe.num_microbatches, lora_config=recipe.lora_config,
+      compute_dtype=config.dtype, remat=recipe.remat, mesh=mesh)
+  return dataclasses.replace(report, **_lower_and_compile(
+      lambda: update.jitted.lower(state, frozen, data, state.rng, learning_rate), compiler_options))
 
 
 def sample_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, prompt_len: int,
@@ -166,9 +172,9 @@ def sample_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, pro
                        compiler_options: dict[str, Any] | None = None) -> StepMemory:
   """Memory of ``sampling.generate`` for ``batch`` prompts, as the loop's ``Sampler`` calls it.
 
-  Inputs (abstract): params under ``SAMPLE_RULES``; prompt_BxP int32 and prompt_mask_BxP bool
-  (B split over data x fsdp where it divides); rng key; ``SamplingParams`` of R = B * N rows;
-  stop_ids_S int32 (S = 2). The step allocates the KV cache of R rows x (P + M) slots itself.
+  Inputs (abstract): the compute-dtype params under ``SAMPLE_RULES``; prompt_BxP int32 and
+  prompt_mask_BxP bool; rng key; ``SamplingParams`` of R = B * N rows; stop_ids_S int32 (S = 2).
+  The step allocates the KV cache of R rows x (P + M) slots itself.
   """
   for name, value in (("batch", batch), ("prompt_len", prompt_len), ("num_samples", num_samples),
                       ("max_new_tokens", max_new_tokens)):
@@ -178,59 +184,93 @@ def sample_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, pro
   if rows % shards:
     fail("batch", batch, f"times num_samples={num_samples} ({rows} sampled rows) must be a "
           f"multiple of the mesh's {shards} batch shards (data x fsdp)")
-
-  shapes, names = abstract_params(config)
-  params = sh.abstract(shapes, sh.tree_shardings(names, shapes, mesh, sh.SAMPLE_RULES))
+  params = inputs.params(config, mesh, config.dtype, sh.SAMPLE_RULES)
   prompt_sharding = sh.logical_sharding((sh.BATCH, None), (batch, prompt_len), mesh, sh.SAMPLE_RULES)
-  rep = NamedSharding(mesh, PartitionSpec())
-  row = lambda dtype: jax.ShapeDtypeStruct((rows,), dtype, sharding=rep)
+  row = lambda dtype: _replicated(mesh, (rows,), dtype)
   args = dict(
       prompt_BxP=jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=prompt_sharding),
       prompt_mask_BxP=jax.ShapeDtypeStruct((batch, prompt_len), jnp.bool_, sharding=prompt_sharding),
-      rng=jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep),
+      rng=_replicated(mesh, (), jax.eval_shape(lambda: jax.random.key(0)).dtype),
       sampling=SamplingParams(temperature=row(jnp.float32), top_k=row(jnp.int32),
                               top_p=row(jnp.float32)),
-      stop_ids_S=jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep))
+      stop_ids_S=_replicated(mesh, (2,), jnp.int32))
   cache_len = prompt_len + max_new_tokens
   description = (f"{batch} prompts x {prompt_len} tokens, {num_samples} samples each, "
-                 f"{max_new_tokens} new tokens: KV cache {rows} rows x {cache_len} slots")
+                 f"{max_new_tokens} new tokens: KV cache {rows} rows x {cache_len} slots; "
+                 f"{_mesh_text(mesh)}")
   report = StepMemory(step="sample", description=description, params=tree_bytes(params),
                       optimizer=0, kv_cache=kv_cache_bytes(config, rows, cache_len, mesh),
                       inputs=tree_bytes(args), budget=budget)
   if not compile:
     return report
   model = Transformer(config, mesh, sh.SAMPLE_RULES)
-  start = time.perf_counter()
-  lowered = generate.lower(model, params, args["prompt_BxP"], args["prompt_mask_BxP"], args["rng"],
-                           args["sampling"], args["stop_ids_S"], max_new_tokens=max_new_tokens,
-                           num_samples=num_samples, pad_id=0)
-  lower_s = time.perf_counter() - start
-  compiled, compile_s = _compile(lowered, compiler_options)
-  return dataclasses.replace(report, **_analysis(compiled), lower_s=lower_s, compile_s=compile_s)
+  return dataclasses.replace(report, **_lower_and_compile(lambda: generate.lower(
+      model, params, args["prompt_BxP"], args["prompt_mask_BxP"], args["rng"], args["sampling"],
+      args["stop_ids_S"], max_new_tokens=max_new_tokens, num_samples=num_samples, pad_id=0),
+      compiler_options))
+
+
+def score_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, seq_len: int,
+                      chunk_size: int | None = DEFAULT_CHUNK, budget: int | None = None,
+                      compile: bool = True,
+                      compiler_options: dict[str, Any] | None = None) -> StepMemory:
+  """Memory of ``scoring.score_jit`` (log-probs, entropy, self-certainty: the self-rewards) of
+  ``batch`` sequences of ``seq_len`` tokens under the compute-dtype params."""
+  positive_int("batch", batch)
+  positive_int("seq_len", seq_len)
+  shards = batch_shards(mesh, sh.SAMPLE_RULES)
+  if batch % shards:
+    fail("batch", batch, f"must be a multiple of the mesh's {shards} batch shards (data x fsdp)")
+  params = inputs.params(config, mesh, config.dtype, sh.SAMPLE_RULES)
+  placed = sh.logical_sharding((sh.BATCH, sh.LENGTH), (batch, seq_len), mesh, sh.SAMPLE_RULES)
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=placed)
+  mask = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=placed)
+  report = StepMemory(step="score", description=f"{batch} sequences x {seq_len} tokens, "
+                      f"vocabulary chunk {chunk_size or 'none'}; {_mesh_text(mesh)}",
+                      params=tree_bytes(params),
+                      optimizer=0, kv_cache=0, inputs=tree_bytes((tokens, mask, mask)),
+                      budget=budget)
+  if not compile:
+    return report
+  model = Transformer(config, mesh, sh.SAMPLE_RULES)
+  return dataclasses.replace(report, **_lower_and_compile(lambda: score_jit.lower(
+      model, params, tokens, mask, mask, chunk_size=chunk_size), compiler_options))
 
 
 def check(preset: str | TransformerConfig, mesh: Mesh | dict[str, int] | str, *,
           steps: Sequence[str] = STEPS, batch: int = 8, seq_len: int = 2048, num_samples: int = 4,
-          max_new_tokens: int = 512, prompt_len: int | None = None, dtype: str = "bfloat16",
-          compute_dtype: str | None = None, remat: str | None = None, num_microbatches: int = 1,
-          chunk_size: int | None = None, budget_gib: float | None = 16.0,
+          max_new_tokens: int = 512, prompt_len: int | None = None,
+          sample_batch: int | None = None, score_batch: int | None = None,
+          dtype: str = "bfloat16", loss: str = "sft", lora_rank: int = 0,
+          lora_targets: str = "attention", reference: bool = False, remat: str | None = "full",
+          num_microbatches: int = 1, chunk_size: int | None = DEFAULT_CHUNK,
+          sample_mesh: str = "tensor", budget_gib: float | str | None = "hbm",
+          devices: Sequence[Any] | None = None,
           compile: bool | Sequence[str] = True,
           compiler_options: dict[str, Any] | None = None) -> Report:
-  """Compiles the requested steps of ``preset`` on ``mesh`` with abstract params; no weights.
+  """Compiles the requested steps of ``preset`` on ``mesh`` with abstract inputs; no weights.
 
   Args:
-    preset: a ``models.get_preset`` name (or a config); its params and activations get ``dtype``.
-    mesh: a ``Mesh``, a dict of axis sizes, or a ``parse_mesh`` string, over ``jax.devices()``.
+    preset: a ``models.get_preset`` name (or a config).
+    mesh: a ``Mesh``, a dict of axis sizes, or a ``parse_mesh`` string, over ``devices``.
     steps: any of ``STEPS``.
-    batch: update step: sequences per step (B of tokens_BxL); sample step: prompts per call.
-    seq_len: update step: L; sample step: the cache length P + M when ``prompt_len`` is None.
+    batch: update step: sequences (pairs for pair losses) per step.
+    seq_len: update and score steps: L; sample step: P + M when ``prompt_len`` is None.
     num_samples, max_new_tokens: N and M of the sample step.
     prompt_len: P of the sample step (default ``seq_len - max_new_tokens``).
-    compute_dtype, remat, num_microbatches, chunk_size: the update step's options
-      (``make_update_step``; ``chunk_size`` is the SFT loss's vocabulary-projection chunk).
-    budget_gib: per-device memory budget in GiB (None: no verdict).
+    sample_batch, score_batch: prompts per sampler call, sequences per scorer call (default
+      ``batch``).
+    dtype: the compute dtype (``TransformerConfig.dtype``); see ``inputs`` for the precision.
+    loss, lora_rank, lora_targets, reference, remat, num_microbatches, chunk_size: the update
+      step's ``inputs.Recipe`` (``chunk_size`` is also the scorer's).
+    sample_mesh: where the sample and score steps run, as the loop's ``sample.mesh``: "tensor"
+      (the fsdp axis folded into tensor, ``sharding.sampling_mesh``) or "train" (``mesh``).
+    budget_gib: per-device budget in GiB; "hbm": the chips' HBM as the TPU compiler reports it
+      (16 GiB where it reports none); None: no verdict.
+    devices: the devices the mesh spans (default ``jax.devices()``), e.g. a TPU topology's
+      (``topology.tpu_devices``), which compile with XLA:TPU on any machine.
     compile: True compiles every step; False (or the steps not named, given a list of step
-      names) skips lowering and compiling: only params, optimizer state, inputs and KV cache.
+      names) skips lowering and compiling: params, optimizer state, inputs and KV cache only.
     compiler_options: XLA options for ``compile`` (e.g. ``FAST_CPU_COMPILE``).
   Returns:
     A ``Report``; ``format_report`` renders it.
@@ -242,31 +282,41 @@ def check(preset: str | TransformerConfig, mesh: Mesh | dict[str, int] | str, *,
   if compiled - set(steps):
     fail("compile", compile, f"names steps that are not in steps={tuple(steps)}")
   name, config = resolve_preset(preset, dtype)
-  mesh = build_mesh(mesh)
-  if budget_gib is not None and not budget_gib > 0:
+  mesh = build_mesh(mesh, devices)
+  if sample_mesh not in ("tensor", "train"):
+    fail("sample_mesh", sample_mesh, "must be 'tensor' or 'train'")
+  sampling = sh.sampling_mesh(mesh) if sample_mesh == "tensor" else mesh
+  if budget_gib == "hbm":
+    hbm = topology.hbm_bytes(list(mesh.devices.flat))
+    budget = hbm if hbm is not None else 16 * GIB
+  elif budget_gib is not None and not (isinstance(budget_gib, (int, float)) and budget_gib > 0):
     fail("budget_gib", budget_gib, "must be > 0")
-  budget = None if budget_gib is None else int(budget_gib * GIB)
-  if "sample" in steps:
-    if prompt_len is None:
-      prompt_len = seq_len - max_new_tokens
-      if prompt_len < 1:
-        fail("max_new_tokens", max_new_tokens, f"must be < seq_len={seq_len} when prompt_len is "
-              "not given (the prompt gets seq_len - max_new_tokens tokens)")
+  else:
+    budget = None if budget_gib is None else int(budget_gib * GIB)
+  if "sample" in steps and prompt_len is None:
+    prompt_len = seq_len - max_new_tokens
+    if prompt_len < 1:
+      fail("max_new_tokens", max_new_tokens, f"must be < seq_len={seq_len} when prompt_len is "
+            "not given (the prompt gets seq_len - max_new_tokens tokens)")
+  recipe = inputs.Recipe(loss=loss, lora_rank=lora_rank, lora_targets=lora_targets,
+                         reference=reference, num_microbatches=num_microbatches,
+                         remat=remat or None, chunk_size=chunk_size)
+  common = dict(budget=budget, compiler_options=compiler_options)
   reports = []
   for step in STEPS:  # in a fixed order: the train state first
     if step not in steps:
       continue
     if step == "update":
-      reports.append(update_step_memory(
-          config, mesh, batch=batch, seq_len=seq_len, num_microbatches=num_microbatches,
-          compute_dtype=compute_dtype or None, remat=remat or None, chunk_size=chunk_size,
-          budget=budget, compile=step in compiled, compiler_options=compiler_options))
-    else:
+      reports.append(update_step_memory(config, mesh, recipe, batch=batch, seq_len=seq_len,
+                                        compile=step in compiled, **common))
+    elif step == "sample":
       reports.append(sample_step_memory(
-          config, mesh, batch=batch, prompt_len=prompt_len, num_samples=num_samples,
-          max_new_tokens=max_new_tokens, budget=budget, compile=step in compiled,
-          compiler_options=compiler_options))
+          config, sampling, batch=sample_batch or batch, prompt_len=prompt_len,
+          num_samples=num_samples, max_new_tokens=max_new_tokens, compile=step in compiled,
+          **common))
+    else:
+      reports.append(score_step_memory(config, sampling, batch=score_batch or batch, seq_len=seq_len,
+                                       chunk_size=chunk_size, compile=step in compiled, **common))
   device = mesh.devices.flat[0]
   return Report(preset=name, config=config, mesh_shape=dict(mesh.shape), platform=device.platform,
                 device_kind=device.device_kind, steps=tuple(reports))
-
