@@ -153,7 +153,8 @@ def _fork_cache(cache: KVCache, n: int, mesh, rules) -> KVCache:
   fork = lambda x, axes: sh.constrain(jnp.repeat(x, n, axis=0), axes, mesh, rules)
   return KVCache(k=tuple(fork(k, CACHE_KV_AXES) for k in cache.k),
                  v=tuple(fork(v, CACHE_KV_AXES) for v in cache.v),
-                 pos=fork(cache.pos, CACHE_POS_AXES), index=cache.index)
+                 pos=fork(cache.pos, CACHE_POS_AXES), index=cache.index,
+                 ring_pos=None if cache.ring_pos is None else fork(cache.ring_pos, CACHE_POS_AXES))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_samples", "pad_id"))

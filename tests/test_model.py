@@ -133,6 +133,19 @@ def test_cached_decode_matches_full_sequence(family_setup, mesh, use_mesh, prefi
   np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5, rtol=0)
 
 
+def test_sliding_window_layers_keep_a_ring_of_window_slots():
+  """Gemma 3's five local layers in six hold a window (4 slots here), not the whole cache: with
+  64 slots the cache takes (5 x 4 + 64) / (6 x 64) of the memory. Decoding past the window
+  through the ring matches a full forward (``test_cached_decode_matches_full_sequence``)."""
+  cfg = TINY["gemma3"]
+  cache = init_cache(cfg, 2, 64)
+  lengths = [k.shape[2] for k in cache.k]
+  assert lengths == [4, 4, 4, 4, 4, 64] and [v.shape[2] for v in cache.v] == lengths
+  assert cache.ring_pos.shape == (2, 4)
+  assert init_cache(cfg, 2, 4).ring_pos is None  # the window covers the cache: no ring
+  assert init_cache(TINY["llama3"], 2, 64).ring_pos is None  # no local layer
+
+
 def test_prefill_attends_over_the_prompt_slots_only():
   """A prefill of 6 tokens into a 40-slot cache multiplies over its 6 keys, not all 40 slots."""
   cfg = TINY["llama3"]

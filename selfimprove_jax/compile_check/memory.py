@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models import Transformer, TransformerConfig
-from selfimprove_jax.models.transformer import CACHE_KV_AXES, CACHE_POS_AXES
+from selfimprove_jax.models.transformer import CACHE_KV_AXES, CACHE_POS_AXES, ring_slots
 from selfimprove_jax.training.state import (TrainState, batch_sharding, opt_state_shardings,
                                             replicated)
 
@@ -147,14 +147,22 @@ def batch_shards(mesh: Mesh, rules: sh.Rules = sh.TRAIN_RULES) -> int:
 
 def kv_cache_bytes(config: TransformerConfig, rows: int, length: int, mesh: Mesh,
                    rules: sh.Rules = sh.SAMPLE_RULES) -> int:
-  """Per-device bytes of ``init_cache(config, rows, length)``: L x (k, v) of (rows, K, S, F) in
-  ``config.dtype`` plus pos (rows, S) int32, placed as ``init_cache`` places them."""
-  kv_shape = (rows, config.num_kv_heads, length, config.head_dim)
-  kv = jax.ShapeDtypeStruct(kv_shape, jnp.dtype(config.dtype),
-                            sharding=sh.logical_sharding(CACHE_KV_AXES, kv_shape, mesh, rules))
-  pos = jax.ShapeDtypeStruct((rows, length), jnp.int32,
-                             sharding=sh.logical_sharding(CACHE_POS_AXES, (rows, length), mesh, rules))
-  return 2 * config.num_layers * leaf_bytes(kv) + leaf_bytes(pos) + 4
+  """Per-device bytes of ``init_cache(config, rows, length)``: (k, v) of (rows, K, S, F) per layer
+  in ``config.dtype`` (S = the window for ringed sliding-window layers) plus int32 slot positions,
+  placed as ``init_cache`` places them."""
+  window = ring_slots(config, length)
+
+  def kv(S):
+    shape = (rows, config.num_kv_heads, S, config.head_dim)
+    return leaf_bytes(jax.ShapeDtypeStruct(shape, jnp.dtype(config.dtype), sharding=sh.logical_sharding(
+        CACHE_KV_AXES, shape, mesh, rules)))
+
+  def pos(S):
+    return leaf_bytes(jax.ShapeDtypeStruct((rows, S), jnp.int32, sharding=sh.logical_sharding(
+        CACHE_POS_AXES, (rows, S), mesh, rules)))
+
+  layers = sum(2 * kv(window if window and local else length) for local in config.layer_is_local)
+  return layers + pos(length) + (pos(window) if window else 0) + 4
 
 
 # ---------------------------------------------------------------------------------- rendering

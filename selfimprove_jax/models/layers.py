@@ -172,6 +172,16 @@ def attention_mask(q_pos_BxT: jax.Array, q_slot_T: jax.Array, k_pos_BxS: jax.Arr
 
 # ------------------------------------------------------------------------------------ attention
 
+def ring_write(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """Writes the T entries of ``new`` (along ``axis``) for tokens ``index .. index + T - 1`` into
+  the ring ``buf`` of W slots, token t in slot t mod W; of more than W tokens, the last W."""
+  T, W = new.shape[axis], buf.shape[axis]
+  keep = min(T, W)
+  new = jax.lax.slice_in_dim(new, T - keep, T, axis=axis)
+  slots = (index + (T - keep) + jnp.arange(keep)) % W
+  return buf.at[(slice(None),) * axis + (slots,)].set(new.astype(buf.dtype))
+
+
 def attend(q_BxTxKxGxF: jax.Array, k_BxKxSxF: jax.Array, v_BxKxSxF: jax.Array,
            mask_BxTxS: jax.Array, *, softcap: float | None, block: int) -> jax.Array:
   """Softmax attention of T queries over S keys, ``block`` queries at a time: (B, T, K, G, F).
@@ -220,7 +230,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], mask_BxTxS: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
-               prefill: bool = False):
+               prefill: bool = False, ring: bool = False):
     """Attends from the T new tokens to the S visible keys.
 
     Without a cache the keys are the new tokens themselves (S = T). With a cache, this layer's
@@ -229,6 +239,8 @@ class Attention(nn.Module):
     buffer. Writing before reading leaves the old buffer with no other reader, so inside a decode
     loop XLA updates it in place instead of copying it every step. ``prefill``: the cache was empty,
     so the new tokens attend over themselves only (S = T) while their keys and values are stored.
+    ``ring``: the buffers are a sliding window's ring of W slots (``transformer.ring_write``); the
+    new tokens attend over the ring as it was plus themselves (S = W + T), then are written.
 
     Returns:
       (out_BxTxD, updated (k, v) buffers, or None without a cache).
@@ -264,7 +276,13 @@ class Attention(nn.Module):
     # buffer in place.
     k_BxKxSxF, v_BxKxSxF = jnp.swapaxes(k_BxTxKxF, 1, 2), jnp.swapaxes(v_BxTxKxF, 1, 2)
     new_cache = None
-    if cache_kv is not None:
+    if cache_kv is not None and ring:
+      new_cache = tuple(ring_write(buf, new, cache_index, axis=2)
+                        for buf, new in zip(cache_kv, (k_BxKxSxF, v_BxKxSxF)))
+      if not prefill:
+        k_BxKxSxF, v_BxKxSxF = (jnp.concatenate([buf.astype(dtype), new], axis=2)
+                                for buf, new in zip(cache_kv, (k_BxKxSxF, v_BxKxSxF)))
+    elif cache_kv is not None:
       at = (0, 0, cache_index, 0)
       new_cache = tuple(jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), at)
                         for buf, new in zip(cache_kv, (k_BxKxSxF, v_BxKxSxF)))
@@ -316,11 +334,11 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], mask_BxTxS: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
-               prefill: bool = False):
+               prefill: bool = False, ring: bool = False):
     cfg = self.config
     h = RMSNorm(cfg, name="pre_attn_norm")(x_BxTxD)
     h, new_kv = Attention(cfg, self.mesh, self.rules, name="attn")(h, sin_cos, mask_BxTxS, cache_kv,
-                                                                   cache_index, prefill)
+                                                                   cache_index, prefill, ring)
     if cfg.sandwich_norm:
       h = RMSNorm(cfg, name="post_attn_norm")(h)
     x_BxTxD = x_BxTxD + h.astype(x_BxTxD.dtype)

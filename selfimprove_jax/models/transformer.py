@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.models.config import RopeScaling, TransformerConfig
 from selfimprove_jax.models.layers import (NO_WINDOW, Block, RMSNorm, _param, attention_mask, project,
-                                           rope_sin_cos)
+                                           ring_write, rope_sin_cos)
 
 CACHE_KV_AXES = (sh.BATCH, sh.KV_HEADS, sh.CACHE_LENGTH, sh.HEAD_DIM)
 CACHE_POS_AXES = (sh.BATCH, sh.CACHE_LENGTH)
@@ -47,16 +47,32 @@ def positions_from_mask(input_mask_BxT: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys/values of every layer. k, v: L-tuples of (B, K, S, F); pos: (B, S) int32; index: () int32."""
+  """Keys/values of every layer. k, v: L-tuples of (B, K, S, F); pos: (B, S) int32; index: () int32.
+
+  Sliding-window layers whose window W is shorter than the cache keep a ring of W slots instead
+  (k, v (B, K, W, F); token t of a row in slot t mod W), with their own slot positions
+  ``ring_pos`` (B, W); None when no layer rings.
+  """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   pos: jax.Array
   index: jax.Array
+  ring_pos: jax.Array | None = None
 
   @property
   def max_len(self) -> int:
     return self.pos.shape[1]
+
+
+def ring_slots(config: TransformerConfig, max_len: int) -> int | None:
+  """W when the local layers of a ``max_len``-slot cache keep a ring of W slots, else None."""
+  if "local" in config.attention_pattern and config.sliding_window < max_len:
+    return config.sliding_window
+  return None
+
+
+
 
 
 @flax.struct.dataclass
@@ -94,21 +110,25 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 
 def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any = None,
                mesh: Mesh | None = None, rules: sh.Rules = sh.SAMPLE_RULES) -> KVCache:
-  """An empty cache, created directly in its sharded layout when a mesh is given."""
+  """An empty cache, created directly in its sharded layout when a mesh is given. Local layers
+  get a ring of ``ring_slots`` slots when their window is shorter than ``max_len``."""
   dtype = jnp.dtype(dtype or config.dtype)
-  kv_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-  L = config.num_layers
+  W = ring_slots(config, max_len)
+  lengths = [W if (W and local) else max_len for local in config.layer_is_local]
+  kv_shape = lambda S: (batch, config.num_kv_heads, S, config.head_dim)
 
   def make():
-    zeros = lambda: tuple(jnp.zeros(kv_shape, dtype) for _ in range(L))
+    zeros = lambda: tuple(jnp.zeros(kv_shape(S), dtype) for S in lengths)
     return KVCache(k=zeros(), v=zeros(), pos=jnp.full((batch, max_len), -1, jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((), jnp.int32),
+                   ring_pos=None if W is None else jnp.full((batch, W), -1, jnp.int32))
 
   if mesh is None:
     return jax.jit(make)()
-  kv = (sh.logical_sharding(CACHE_KV_AXES, kv_shape, mesh, rules),) * L
-  out = KVCache(k=kv, v=kv, pos=sh.logical_sharding(CACHE_POS_AXES, (batch, max_len), mesh, rules),
-                index=sh.logical_sharding((), (), mesh, rules))
+  place = lambda names, shape: sh.logical_sharding(names, shape, mesh, rules)
+  kv = tuple(place(CACHE_KV_AXES, kv_shape(S)) for S in lengths)
+  out = KVCache(k=kv, v=kv, pos=place(CACHE_POS_AXES, (batch, max_len)), index=place((), ()),
+                ring_pos=None if W is None else place(CACHE_POS_AXES, (batch, W)))
   return jax.jit(make, out_shardings=out)()
 
 
@@ -169,7 +189,7 @@ class Transformer(nn.Module):
       rope["local"] = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.local_rope_theta, RopeScaling())
     # Without a cache the keys are the new tokens (S = T). With one they are all cache slots, the
     # new tokens' positions recorded first, as each layer writes its keys/values before attending.
-    cache_pos_BxS = None
+    cache_pos_BxS = ring_pos_BxW = None
     if cache is not None:
       cache_pos_BxS = jax.lax.dynamic_update_slice(cache.pos, new_pos_BxT, (0, cache.index))
     if cache is None or prefill:
@@ -179,6 +199,15 @@ class Transformer(nn.Module):
       q_slot_T = cache.index + jnp.arange(T)
     masks = {kind: attention_mask(positions_BxT, q_slot_T, k_pos_BxS, k_slot_S, windows[kind])
              for kind in dict.fromkeys(kinds)}
+    ring = cache is not None and cache.ring_pos is not None
+    if ring:
+      ring_pos_BxW = ring_write(cache.ring_pos, new_pos_BxT, cache.index, axis=1)
+      if not prefill:
+        # A ringed layer attends over its ring as it was, then the new tokens: by position, as
+        # slot order wraps around.
+        keys_BxS = jnp.concatenate([cache.ring_pos, new_pos_BxT], axis=1)
+        q, k = positions_BxT[:, :, None], keys_BxS[:, None, :]
+        masks["local"] = (k >= 0) & (k <= q) & (q - k < cfg.sliding_window)
 
     x_BxTxD = self.embedding.encode(tokens_BxT)
     # Identity unless a 'perturbations' collection is passed: lets tests and analyses take
@@ -188,14 +217,15 @@ class Transformer(nn.Module):
     new_kv = []
     for i, (layer, kind) in enumerate(zip(self.layers, kinds)):
       cache_kv, index = (None, None) if cache is None else ((cache.k[i], cache.v[i]), cache.index)
-      x_BxTxD, kv = layer(x_BxTxD, rope[kind], masks[kind], cache_kv, index, prefill)
+      x_BxTxD, kv = layer(x_BxTxD, rope[kind], masks[kind], cache_kv, index, prefill,
+                          ring and kind == "local")
       new_kv.append(kv)
     hidden_BxTxD = self.final_norm(x_BxTxD)
 
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv),
-                          pos=cache_pos_BxS, index=cache.index + T)
+                          pos=cache_pos_BxS, index=cache.index + T, ring_pos=ring_pos_BxW)
     if return_hidden:
       return hidden_BxTxD, new_cache
     return self.logits(hidden_BxTxD), new_cache
