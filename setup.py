@@ -27,6 +27,7 @@ setup(
         "sympy>=1.12,<2",  # MATH answer equivalence (verifiers/sympy_check.py)
         "etils[epath]>=1.7",  # local and gs:// paths alike (checkpoint/files.py)
         "ml_dtypes>=0.5",  # bfloat16 tensors in safetensors files
+        "jinja2>=3.1",  # the checkpoint's own chat template (tokenizer/template.py)
     ],
     extras_require={
         "test": [
@@ -41,7 +42,12 @@ setup(
             "ipykernel>=6.29",
             # libtpu: the TPU compiler, for the compile-only memory check's XLA:TPU tests.
             "jax[tpu]>=0.10.2,<0.11",
+            # Real-weight tests: GGUF checkpoints fetched and converted (checkpoint/gguf.py).
+            "gguf>=0.17", "accelerate>=1.0",
         ],
+        # GGUF files to checkpoint directories (selfimprove-convert --from=gguf): transformers'
+        # GGUF reader dequantizes every tensor type the gguf library knows.
+        "gguf": ["torch==2.13.0", "transformers>=5.23,<6", "gguf>=0.17", "accelerate>=1.0"],
         # Compile for TPU slices on any machine (python -m selfimprove_jax.compile_check
         # --topology=v5e:2x4): libtpu ships XLA:TPU.
         "aot": ["jax[tpu]>=0.10.2,<0.11"],

@@ -11,6 +11,7 @@ next-token logits, and all rows then decode in lock-step while positions stay pe
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -19,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfimprove_jax import multihost
-from selfimprove_jax import sharding as sh
-from selfimprove_jax.models.transformer import (CACHE_KV_AXES, CACHE_POS_AXES, KVCache, init_cache,
-                                                variables as model_variables)
+from selfimprove_jax.models.transformer import KVCache, fork_cache, init_cache
+from selfimprove_jax.models.transformer import variables as model_variables
 from selfimprove_jax.scoring import token_logprobs
+from selfimprove_jax.tokenizer.chat import render_chat
 
 FINISH_STOP = 0  # a stop token was generated (it is included in the completion)
 FINISH_LENGTH = 1  # max_new_tokens reached
@@ -149,14 +150,6 @@ class _LoopState:
   out: SampleOutput
 
 
-def _fork_cache(cache: KVCache, n: int, mesh, rules) -> KVCache:
-  fork = lambda x, axes: sh.constrain(jnp.repeat(x, n, axis=0), axes, mesh, rules)
-  return KVCache(k=tuple(fork(k, CACHE_KV_AXES) for k in cache.k),
-                 v=tuple(fork(v, CACHE_KV_AXES) for v in cache.v),
-                 pos=fork(cache.pos, CACHE_POS_AXES), index=cache.index,
-                 ring_pos=None if cache.ring_pos is None else fork(cache.ring_pos, CACHE_POS_AXES))
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_samples", "pad_id"))
 def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: jax.Array,
              sampling: SamplingParams, stop_ids_S: jax.Array, *, max_new_tokens: int, num_samples: int,
@@ -191,7 +184,7 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
   # Only the last position's logits are needed: never project the whole prompt onto the vocab.
   logits_BxV = model.apply(variables, hidden_BxPxD[:, -1:], method="logits")[:, 0]
   logits_RxV = jnp.repeat(logits_BxV, N, axis=0)
-  cache = _fork_cache(cache, N, mesh, rules)
+  cache = fork_cache(cache, N, mesh, rules)
   next_pos_R = jnp.repeat(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32), N)
 
   V = model.config.vocab_size
@@ -242,17 +235,24 @@ DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 class Completions:
   """Host-side results, indexed [prompt][sample]: ``tokens`` lists of ids (stop token included),
   ``texts`` (None without a tokenizer), ``finish_reasons`` ("stop" / "length"), and numpy arrays of
-  per-token ``model_logprobs`` and ``sampler_logprobs`` aligned with ``tokens``."""
+  per-token ``model_logprobs`` and ``sampler_logprobs`` aligned with ``tokens``. ``prompt_ids``:
+  each prompt's ids as the model read them, indexed [prompt] (what a scorer needs beside
+  ``tokens``: ``verifiers.score_sampled``)."""
 
   tokens: list
   texts: list | None
   finish_reasons: list
   model_logprobs: list
   sampler_logprobs: list
+  prompt_ids: list
 
 
 class Sampler:
-  """Strings or token ids in, completions out; every call reuses a handful of compiled programs.
+  """Prompts in, completions out; every call reuses a handful of compiled programs.
+
+  A prompt is a string (encoded with the tokenizer's own BOS), a list of token ids, or, with
+  ``chat`` set (a family name or a checkpoint's ``tokenizer.template.ChatTemplate``), a
+  conversation (a list of ``{"role", "content"}`` messages) rendered with its generation prompt.
 
   Prompts are processed in groups of ``batch_size`` (the last group padded), each left-padded to the
   smallest of ``prompt_buckets`` that fits, so only (bucket, num_samples) pairs ever compile; the
@@ -261,12 +261,12 @@ class Sampler:
 
   def __init__(self, model, params, tokenizer=None, *, max_new_tokens: int, batch_size: int = 8,
                stop_ids: tuple[int, ...] | None = None, pad_id: int | None = None,
-               prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS):
+               prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS, chat: Any = None):
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be >= 1")
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
-    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.model, self.params, self.tokenizer, self.chat = model, params, tokenizer, chat
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
     if stop_ids is None:
       stop_ids = tuple(tokenizer.stop_ids) if tokenizer is not None else ()
@@ -276,10 +276,19 @@ class Sampler:
     self.vocab_limit = None if tokenizer is None else jnp.int32(tokenizer.vocab_size)
 
   def _encode(self, prompts) -> list[list[int]]:
-    if prompts and isinstance(prompts[0], str):
+    conversations = bool(prompts) and isinstance(prompts[0], (list, tuple)) and bool(prompts[0]) \
+        and isinstance(prompts[0][0], Mapping)
+    if conversations or (prompts and isinstance(prompts[0], str)):
       if self.tokenizer is None:
-        raise ValueError("prompts are strings but the Sampler has no tokenizer; pass token ids")
-      return self.tokenizer.encode_batch(list(prompts), add_bos=True)
+        raise ValueError("prompts are text but the Sampler has no tokenizer; pass token ids")
+      if not conversations:
+        return self.tokenizer.encode_batch(list(prompts), add_bos=True)
+      if self.chat is None:
+        raise ValueError("prompts are conversations but the Sampler has no chat format; pass "
+                         "chat= (a family name or a checkpoint's ChatTemplate)")
+      # A rendered chat carries the BOS its format writes, as apply_chat_template's ids do.
+      return self.tokenizer.encode_batch([render_chat(self.chat, m) for m in prompts],
+                                         add_bos=False)
     return [list(map(int, p)) for p in prompts]
 
   def _bucket(self, length: int) -> int:
@@ -320,9 +329,9 @@ class Sampler:
                      self.stop_ids, max_new_tokens=self.max_new_tokens, num_samples=num_samples,
                      pad_id=self.pad_id, vocab_limit=self.vocab_limit)
       results.append((real, multihost.fetch(out)))
-    return self._to_host(results, num_samples)
+    return self._to_host(results, num_samples, ids)
 
-  def _to_host(self, results, num_samples: int) -> Completions:
+  def _to_host(self, results, num_samples: int, prompt_ids: list[list[int]]) -> Completions:
     tokens, reasons, model_lp, sampler_lp = [], [], [], []
     for real, out in results:
       for b in range(real):
@@ -335,4 +344,4 @@ class Sampler:
     if self.tokenizer is not None:
       texts = [[self.tokenizer.decode(t, skip_special=True) for t in per_prompt] for per_prompt in tokens]
     return Completions(tokens=tokens, texts=texts, finish_reasons=reasons, model_logprobs=model_lp,
-                       sampler_logprobs=sampler_lp)
+                       sampler_logprobs=sampler_lp, prompt_ids=prompt_ids)

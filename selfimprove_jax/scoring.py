@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from selfimprove_jax import multihost
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.models.transformer import Transformer, positions_from_mask
+from selfimprove_jax.models.transformer import Transformer, fork_cache, init_cache, positions_from_mask
 from selfimprove_jax.models.transformer import variables as model_variables
 
 
@@ -171,6 +171,71 @@ def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL
   if input_mask_BxL.shape != (B, L) or loss_mask_BxL.shape != (B, L):
     raise ValueError(f"score: tokens_BxL={tokens_BxL.shape}, input_mask_BxL="
                      f"{input_mask_BxL.shape}, loss_mask_BxL={loss_mask_BxL.shape} must be equal")
+  variables = model_variables(params)
+  input_mask_BxL = input_mask_BxL.astype(bool)
+  # Padding ids may be anything (e.g. -1); the embedding lookup and the gather need valid ones.
+  tokens_BxL = jnp.where(input_mask_BxL, tokens_BxL, 0).astype(jnp.int32)
+  hidden_BxLxD, _ = model.apply(variables, tokens_BxL, positions_from_mask(input_mask_BxL),
+                                input_mask_BxL, return_hidden=True)
+  # Shift right by one so that index t holds the state that predicts tokens[t].
+  prev_BxLxD = jnp.pad(hidden_BxLxD[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  return _scores(model, variables, prev_BxLxD, tokens_BxL, scored_mask(input_mask_BxL, loss_mask_BxL),
+                 chunk_size, entropy, self_certainty)
+
+
+def score_forked(model: Transformer, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Array,
+                 completion_RxC: jax.Array, completion_lengths_R: jax.Array, *,
+                 chunk_size: int | None = DEFAULT_CHUNK, entropy: bool = True,
+                 self_certainty: bool = True) -> Scores:
+  """``score`` of N = R / B completions per prompt, reading each prompt once, as the sampler does.
+
+  The prompts are prefilled into a KV cache once, the cache is forked to N rows per prompt, and
+  the completions run in one cached pass over it; a prompt shared by N samples thus costs one
+  forward instead of N, and only completion positions are projected onto the vocabulary. Equal to
+  ``score`` on ``completion_batch`` of the repeated prompts (to float rounding), with one
+  exception shared with sampling: a longrope model (Phi-3.5) whose prompt fits its original
+  context but whose completion runs past it keeps the prompt's short-context keys.
+
+  Args:
+    prompt_BxP, prompt_mask_BxP: left-padded prompts (each with a real token), as for ``generate``.
+    completion_RxC: int completions, right-padded, prompt-major (row b * N + j continues prompt b).
+    completion_lengths_R: real completion tokens per row, EOS included (0 <= length <= C).
+  Returns:
+    ``Scores`` with R rows; per-token fields (R, C), aligned with ``completion_RxC``.
+  """
+  B, P = prompt_BxP.shape
+  R, C = completion_RxC.shape
+  if prompt_mask_BxP.shape != (B, P) or R % B or jnp.shape(completion_lengths_R) != (R,):
+    raise ValueError(f"score_forked: prompt_BxP={prompt_BxP.shape}, prompt_mask_BxP="
+                     f"{prompt_mask_BxP.shape}, completion_RxC={completion_RxC.shape}, "
+                     f"completion_lengths_R={jnp.shape(completion_lengths_R)}: need equal prompt "
+                     "shapes, R a multiple of B and one length per completion")
+  N = R // B
+  variables = model_variables(params)
+  prompt_mask_BxP = prompt_mask_BxP.astype(bool)
+  prompt_BxP = jnp.where(prompt_mask_BxP, prompt_BxP, 0).astype(jnp.int32)
+  cache = init_cache(model.config, B, P + C, mesh=model.mesh, rules=model.rules)
+  last_BxPxD, cache = model.apply(variables, prompt_BxP, None, prompt_mask_BxP, cache=cache,
+                                  return_hidden=True, prefill=True)
+  cache = fork_cache(cache, N, model.mesh, model.rules)
+  valid_RxC = jnp.arange(C) < jnp.asarray(completion_lengths_R)[:, None]
+  completion_RxC = jnp.where(valid_RxC, completion_RxC, 0).astype(jnp.int32)
+  start_R = jnp.repeat(jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32), N)
+  hidden_RxCxD, _ = model.apply(variables, completion_RxC, start_R[:, None] + jnp.arange(C),
+                                valid_RxC, cache=cache, return_hidden=True)
+  # The prompt's last state predicts the first completion token; each completion state the next.
+  first_Rx1xD = jnp.repeat(last_BxPxD[:, -1:], N, axis=0)
+  prev_RxCxD = jnp.concatenate([first_Rx1xD, hidden_RxCxD[:, :-1]], axis=1)
+  return _scores(model, variables, prev_RxCxD, completion_RxC, valid_RxC, chunk_size, entropy,
+                 self_certainty)
+
+
+def _scores(model: Transformer, variables: Any, prev_BxLxD: jax.Array, targets_BxL: jax.Array,
+            scored_BxL: jax.Array, chunk_size: int | None, entropy: bool,
+            self_certainty: bool) -> Scores:
+  """Scores from the states that predict each target (``prev_BxLxD[:, t]`` predicts
+  ``targets_BxL[:, t]``), projected onto the vocabulary ``chunk_size`` positions at a time."""
+  B, L = targets_BxL.shape
   K = L if chunk_size is None else chunk_size
   if not isinstance(K, (int, np.integer)) or isinstance(K, bool) or K <= 0:
     raise ValueError(f"score: chunk_size={chunk_size!r} must be a positive int or None (L={L})")
@@ -180,17 +245,9 @@ def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL
   def constrain(x, names):
     return sh.constrain(x, names, model.mesh, model.rules)
 
-  variables = model_variables(params)
-  input_mask_BxL = input_mask_BxL.astype(bool)
-  # Padding ids may be anything (e.g. -1); the embedding lookup and the gather need valid ones.
-  tokens_BxL = jnp.where(input_mask_BxL, tokens_BxL, 0).astype(jnp.int32)
-  scored_BxL = scored_mask(input_mask_BxL, loss_mask_BxL)
-  hidden_BxLxD, _ = model.apply(variables, tokens_BxL, positions_from_mask(input_mask_BxL),
-                                input_mask_BxL, return_hidden=True)
-
-  # Shift right by one so that index t holds the state that predicts tokens[t]; pad to N * K.
-  prev_BxNKxD = jnp.pad(hidden_BxLxD[:, :-1], ((0, 0), (1, N * K - L), (0, 0)))
-  targets_BxNK = jnp.pad(tokens_BxL, ((0, 0), (0, N * K - L)))
+  # Pad to N * K positions and lay the chunks out along a leading axis.
+  prev_BxNKxD = jnp.pad(prev_BxLxD, ((0, 0), (0, N * K - L), (0, 0)))
+  targets_BxNK = jnp.pad(targets_BxL, ((0, 0), (0, N * K - L)))
   prev_NxBxKxD = jnp.swapaxes(prev_BxNKxD.reshape(B, N, K, -1), 0, 1)
   targets_NxBxK = jnp.swapaxes(targets_BxNK.reshape(B, N, K), 0, 1)
 
@@ -234,12 +291,14 @@ def score(model: Transformer, params: Any, tokens_BxL: jax.Array, input_mask_BxL
 
 # Linen modules are hashable (by config, mesh and rules), so the model itself is a static argument.
 score_jit = jax.jit(score, static_argnames=("model", "chunk_size", "entropy", "self_certainty"))
+score_forked_jit = jax.jit(score_forked,
+                           static_argnames=("model", "chunk_size", "entropy", "self_certainty"))
 
 
 def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mask_SxL: Any,
                      loss_mask_SxL: Any, *, batch_size: int,
-                     chunk_size: int | None = DEFAULT_CHUNK,
-                     progress: bool = False) -> Scores:
+                     chunk_size: int | None = DEFAULT_CHUNK, entropy: bool = True,
+                     self_certainty: bool = True, progress: bool = False) -> Scores:
   """Scores many sequences with ``score_jit`` in batches of ``batch_size`` (one compilation).
 
   The last batch is padded with unscored rows. On a mesh each batch is placed split over the batch
@@ -271,10 +330,11 @@ def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mas
   for start in tqdm(starts, disable=not progress, desc="scoring", unit="batch"):
     rows = slice(start, start + batch_size)
     out = score_jit(model, params, place(tokens_SxL[rows]), place(input_mask_SxL[rows]),
-                    place(loss_mask_SxL[rows]), chunk_size=chunk_size)
+                    place(loss_mask_SxL[rows]), chunk_size=chunk_size, entropy=entropy,
+                    self_certainty=self_certainty)
     results.append(multihost.fetch(out))  # blocks, so fake-device collectives never pile up
   if not results:
     per_seq = lambda dtype=np.float32: np.zeros((0,), dtype)
-    return Scores(np.zeros((0, L), np.float32), np.zeros((0, L), np.float32), per_seq(), per_seq(),
-                  per_seq(), per_seq(np.int32))
+    return Scores(np.zeros((0, L), np.float32), np.zeros((0, L), np.float32) if entropy else None,
+                  per_seq(), per_seq(), per_seq() if self_certainty else None, per_seq(np.int32))
   return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *results)

@@ -351,9 +351,9 @@ def test_cli_errors(llama, tmp_path, capsys, argv, match):
 
 def test_cli_rejects_unknown_format(capsys):
   with pytest.raises(SystemExit) as e:
-    convert.main(["--from", "gguf", "--to", "hf", "a", "b"])
+    convert.main(["--from", "bin", "--to", "hf", "a", "b"])
   assert e.value.code == 2
-  assert "--from=gguf: value should be one of <hf|native>" in capsys.readouterr().err
+  assert "--from=bin: value should be one of <hf|native|gguf>" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ host memory

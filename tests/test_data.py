@@ -89,10 +89,10 @@ def test_gsm8k_tfds_through_grain(gsm8k_data_dir):
   from selfimprove_jax.tokenizer import train_sentencepiece
   task = get_task("gsm8k")
   examples = task.load(split="test", data_dir=gsm8k_data_dir)
-  tok = train_sentencepiece([task.render(e, shots=1, family="gemma2") for e in examples],
+  tok = train_sentencepiece([task.render(e, shots=1, chat="gemma2") for e in examples],
                             vocab_size=400)
   ds = pipeline.prompt_batches(examples, pipeline.prompt_encoder(task, tok, shots=1,
-                                                                 family="gemma2"),
+                                                                 chat="gemma2"),
                                batch_size=4, buckets=(128, 256, 512), pad_id=tok.pad_id,
                                seed=0, process_index=0, process_count=1)
   batches = list(pipeline.iterator(ds))
@@ -102,7 +102,7 @@ def test_gsm8k_tfds_through_grain(gsm8k_data_dir):
     for row in np.flatnonzero(b["valid"]):
       ex = examples[b["index"][row]]
       text = tok.decode(b["tokens"][row][b["mask"][row]])
-      assert text == task.render(ex, shots=1, family="gemma2")
+      assert text == task.render(ex, shots=1, chat="gemma2")
       seen.append(ex["id"])
   assert sorted(seen) == sorted(e["id"] for e in examples)
 
@@ -317,7 +317,7 @@ EXAMPLE = {"id": "e", "question": "What is 3 + 4?", "answer": "7"}
 def test_every_task_renders_in_every_family(name, family):
   task = get_task(name)
   for shots in range(len(task.exemplars) + 1):
-    prompt = task.render(EXAMPLE, shots=shots, family=family)
+    prompt = task.render(EXAMPLE, shots=shots, chat=family)
     assert prompt.count(EXAMPLE["question"]) == 1
     for shot in task.exemplars[:shots]:
       assert shot.question in prompt and shot.solution in prompt

@@ -1,5 +1,6 @@
 """Teacher-forced scoring: per-token statistics against NumPy, the shift and masking convention,
 chunked vs unchunked projection, sharded vs single-device, and one trace per shape."""
+import dataclasses
 import math
 
 import chex
@@ -276,3 +277,51 @@ def test_jitted_score_traces_once_per_shape(models):
   for seed in range(3):  # new values and a new (equal) model object each call
     out = counted(Transformer(cfg), params, *_batch(cfg.vocab_size, seed), chunk_size=4)
     out.sum_logprob_B.block_until_ready()
+
+
+# ------------------------------------------------------------- N completions per prompt, forked
+
+def _forked_batch(vocab, N=3, seed=0):
+  """B=3 prompts left-padded by 0/2/5 with N completions each, of lengths 0..C (one empty)."""
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(1, vocab, (3, P))
+  prompt_mask = np.arange(P)[None] >= np.array([0, 2, 5])[:, None]
+  completion = rng.integers(1, vocab, (3 * N, C))
+  lengths = rng.integers(0, C + 1, 3 * N)
+  lengths[:2] = (C, 0)
+  return prompt, prompt_mask, completion, lengths
+
+
+# Every family, and local layers whose window (3) is shorter than the cache (a ring of slots).
+# phi3: its long-context RoPE switches per call once a row passes original_max_len (12 in the tiny
+# config), so a forked prompt keeps its short-context keys, as in sampling; kept below it here.
+FORKED = {f: tiny_config(f) for f in ("gemma2", "mistral", "qwen2", "llama3", "qwen3")}
+FORKED["phi3"] = tiny_config("phi3", rope_scaling=dataclasses.replace(
+    tiny_config("phi3").rope_scaling, original_max_len=32))
+FORKED["gemma3_ring"] = tiny_config("gemma3", sliding_window=3)
+
+
+@pytest.mark.parametrize("name", sorted(FORKED))
+def test_forked_scores_equal_scores_of_the_repeated_prompts(name):
+  cfg = FORKED[name]
+  model, params = Transformer(cfg), init_params(cfg, jax.random.key(1))
+  prompt, prompt_mask, completion, lengths = _forked_batch(cfg.vocab_size)
+  got = scoring.score_forked_jit(model, params, prompt, prompt_mask, completion, lengths,
+                                 chunk_size=4)
+  repeat = lambda a: np.repeat(a, 3, axis=0)
+  tokens, input_mask, loss_mask = scoring.completion_batch(repeat(prompt), repeat(prompt_mask),
+                                                           completion, lengths)
+  want = scoring.score_jit(model, params, tokens, input_mask, loss_mask, chunk_size=4)
+  np.testing.assert_array_equal(got.num_tokens_B, lengths)
+  for field in ("sum_logprob_B", "mean_logprob_B", "self_certainty_B"):
+    np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=2e-5, err_msg=field)
+  for field in ("token_logprobs_BxL", "token_entropy_BxL"):  # completion positions of want
+    np.testing.assert_allclose(getattr(got, field), getattr(want, field)[:, P:], atol=2e-5,
+                               err_msg=field)
+
+
+def test_forked_shapes_are_checked(models):
+  model, params = models["mistral"]
+  prompt, prompt_mask, completion, lengths = _forked_batch(TINY["mistral"].vocab_size)
+  with pytest.raises(ValueError, match=r"R a multiple of B"):
+    scoring.score_forked(model, params, prompt, prompt_mask, completion[:-1], lengths[:-1])

@@ -10,6 +10,7 @@ import pytest
 
 from selfimprove_jax import verifiers as v
 from selfimprove_jax.models import TINY, Transformer, param_shapes
+from selfimprove_jax.sampling import Sampler
 from selfimprove_jax.tokenizer import train_sentencepiece
 from selfimprove_jax.verifiers import self_reward
 from tests import reference_numpy
@@ -216,6 +217,31 @@ def test_score_completions_token_level_and_empty_rows(setup):
     assert got[1] is None, "an empty completion cannot be judged"
     np.testing.assert_allclose([got[0], got[2]], [want[0][kind_index], want[2][kind_index]],
                                rtol=1e-4, atol=5e-4)
+
+
+def test_score_sampled_reads_the_sampler_output(setup):
+  """The sampler's Completions scored as they are: prompt ids from the sampler, each sample after
+  its own prompt, prompt-major rows; equal to the unpadded NumPy forward of each pair."""
+  cfg, model, params = setup
+  rng = np.random.default_rng(2)
+  prompts = [list(map(int, rng.integers(1, cfg.vocab_size, n))) for n in (3, 9, 1)]
+  sampler = Sampler(model, params, max_new_tokens=6, batch_size=2, stop_ids=(7,))
+  out = sampler(prompts, num_samples=2, rng=3)
+  assert out.prompt_ids == prompts
+  scores = self_reward.score_sampled(model, params, out, batch_size=2)
+  pairs = [(p, t) for p, per_prompt in zip(prompts, out.tokens) for t in per_prompt]
+  want = _reference_self_rewards(cfg, params, *zip(*pairs))
+  np.testing.assert_array_equal(scores.num_tokens_B, [len(t) for _, t in pairs])
+  np.testing.assert_allclose(scores.sum_logprob_B, [w[0] for w in want], rtol=1e-4, atol=5e-4)
+  np.testing.assert_allclose(scores.self_certainty_B, [w[2] for w in want], rtol=1e-4, atol=5e-4)
+  assert scores.token_entropy_BxL is None  # off unless asked for
+  # The sampler's own per-token log-probs are the same numbers.
+  for row, (p, t) in enumerate(pairs):
+    i, j = divmod(row, 2)
+    np.testing.assert_allclose(scores.token_logprobs_BxL[row, :len(t)],
+                               out.model_logprobs[i][j], atol=2e-4)
+  with pytest.raises(ValueError, match="same number of samples"):
+    self_reward.score_sampled(model, params, out.replace(tokens=[out.tokens[0][:1]] + out.tokens[1:]))
 
 
 def test_self_reward_refuses_bad_input(setup, tok):

@@ -1,8 +1,12 @@
-"""Convert checkpoints between the Hugging Face and native (orbax) formats.
+"""Convert checkpoints between the Hugging Face and native (orbax) formats, and from GGUF.
 
   python -m selfimprove_jax.checkpoint.convert --from hf --to native SRC DST
   python -m selfimprove_jax.checkpoint.convert --from native --to hf SRC DST [--dtype bfloat16]
       [--max_shard_gb 5] [--overwrite] [--quiet]
+  python -m selfimprove_jax.checkpoint.convert --from gguf --to hf MODEL.gguf DST   # [gguf] extra
+
+A GGUF file (llama.cpp's format) becomes a Hugging Face directory with its quantized tensors
+dequantized to float32 (``checkpoint/gguf.py``); ``--to native`` goes through that directory.
 
 SRC and DST may be local paths or gs:// URLs. Tokenizer, chat-template and generation-config files
 in SRC are copied to DST unchanged. Parameters stream through the first local device one tensor at a
@@ -10,15 +14,17 @@ time on import; the native format writes them from there.
 """
 from __future__ import annotations
 
+import pathlib
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from absl import flags
 
 from selfimprove_jax import cli
-from selfimprove_jax.checkpoint import files, hf, native
+from selfimprove_jax.checkpoint import files, gguf, hf, native
 
-FORMATS = ("hf", "native")
+FORMATS = ("hf", "native", "gguf")
 PROG = "python -m selfimprove_jax.checkpoint.convert"
 
 
@@ -26,7 +32,7 @@ def define_flags(values: flags.FlagValues) -> None:
   """The CLI's flags; SRC (the checkpoint directory) and DST (written atomically) are positional."""
   on = dict(flag_values=values)
   flags.DEFINE_enum("from", None, FORMATS, "Format of SRC.", **on)
-  flags.DEFINE_enum("to", None, FORMATS, "Format of DST.", **on)
+  flags.DEFINE_enum("to", None, FORMATS[:2], "Format of DST.", **on)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype of DST (default: "
                     "float32 from hf, as stored from native).", **on)
   flags.DEFINE_float("max_shard_gb", hf.DEFAULT_MAX_SHARD_BYTES / 2**30,
@@ -40,8 +46,17 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, *, dtype: str 
             max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
             progress: bool = True) -> str:
   """Converts SRC to DST; returns DST. Raises ValueError / FileNotFoundError on bad arguments."""
-  if src_format not in FORMATS or dst_format not in FORMATS:
-    raise ValueError(f"formats must be in {FORMATS}, got --from={src_format!r} --to={dst_format!r}")
+  if src_format not in FORMATS or dst_format not in FORMATS[:2]:
+    raise ValueError(f"formats must be in {FORMATS} (to: {FORMATS[:2]}), got --from={src_format!r} "
+                     f"--to={dst_format!r}")
+  if src_format == "gguf":
+    log = (lambda *_: None) if not progress else print
+    if dst_format == "hf":
+      return gguf.convert_gguf(src, dst, overwrite=overwrite, log=log)
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_dir = gguf.convert_gguf(src, pathlib.Path(tmp) / "hf", log=log)
+      return convert("hf", "native", hf_dir, dst, dtype=dtype, overwrite=overwrite,
+                     progress=progress)
   src_path, dst_path = files.as_path(src), files.as_path(dst)
   if not src_path.is_dir():
     raise FileNotFoundError(f"SRC {src} is not a directory")
@@ -79,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = convert(v["from"].value, v.to, src, dst, dtype=v.dtype,
                   max_shard_bytes=int(v.max_shard_gb * 2**30), overwrite=v.overwrite,
                   progress=not v.quiet)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {v.to} checkpoint to {out}")

@@ -8,7 +8,6 @@ temporary directory first.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import uuid
@@ -18,6 +17,7 @@ from etils import epath
 
 from selfimprove_jax.models.config import TransformerConfig
 from selfimprove_jax.tokenizer import Tokenizer, load_tokenizer
+from selfimprove_jax.tokenizer.template import read_template
 
 # Files copied verbatim when a checkpoint is converted: tokenizers, their special-token and chat
 # configuration, and HF's default generation settings.
@@ -103,23 +103,9 @@ def load_dir_tokenizer(model_dir: epath.Path) -> Tokenizer:
 
 
 def read_chat_template(model_dir: epath.Path) -> str | None:
-  """The Jinja chat template: ``chat_template.jinja`` (transformers 5), else the
-  ``chat_template`` entry of ``tokenizer_config.json`` (a string, or a list of named templates
-  of which the one named "default" is used)."""
-  jinja = model_dir / "chat_template.jinja"
-  if jinja.exists():
-    return jinja.read_text()
-  config_path = model_dir / "tokenizer_config.json"
-  if not config_path.exists():
-    return None
-  template = json.loads(config_path.read_text()).get("chat_template")
-  if isinstance(template, list):
-    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-    template = named.get("default")
-  if template is not None and not isinstance(template, str):
-    raise ValueError(f"{config_path}: chat_template={template!r} is neither a string nor a list "
-                     "of {name, template} entries with a 'default'")
-  return template
+  """The Jinja chat template text of a checkpoint directory (``template.read_template``)."""
+  found = read_template(model_dir)
+  return None if found is None else found[0]
 
 
 def write_tokenizer(tokenizer: Tokenizer | str | os.PathLike, chat_template: str | None,

@@ -31,13 +31,16 @@ import numpy as np
 from selfimprove_jax.data.records import Example
 from selfimprove_jax.data.tasks import Task
 from selfimprove_jax.tokenizer.base import Tokenizer
+from selfimprove_jax.tokenizer.template import ChatTemplate
 
 
 def prompt_encoder(task: Task, tokenizer: Tokenizer, *, shots: int = 0,
-                   family: str | None = None) -> Callable[[Example], list[int]]:
-  """``example -> prompt ids`` (with BOS, once) for ``task.render(example, shots, family)``."""
+                   chat: str | ChatTemplate | None = None) -> Callable[[Example], list[int]]:
+  """``example -> prompt ids`` for ``task.render(example, shots, chat)``. Plain text gets the
+  tokenizer's own BOS; a rendered chat carries whatever BOS its format writes, and is encoded
+  as it stands (as transformers' ``apply_chat_template(tokenize=True)`` does)."""
   def encode(example: Example) -> list[int]:
-    return tokenizer.encode(task.render(example, shots=shots, family=family), add_bos=True)
+    return tokenizer.encode(task.render(example, shots=shots, chat=chat), add_bos=chat is None)
   return encode
 
 

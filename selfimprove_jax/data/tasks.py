@@ -19,6 +19,7 @@ from selfimprove_jax.data import loaders
 from selfimprove_jax.data import synthetic
 from selfimprove_jax.data.records import Example
 from selfimprove_jax.tokenizer.chat import render_chat
+from selfimprove_jax.tokenizer.template import ChatTemplate
 from selfimprove_jax.verifiers import code, graders, math_answers
 from selfimprove_jax.verifiers.base import Verdict
 
@@ -84,12 +85,13 @@ class Task:
     parts.append(f"{self.question_prefix}{example['question']}{self.answer_prefix}")
     return "".join(parts)
 
-  def render(self, example: Example, shots: int = 0, family: str | None = None) -> str:
-    """Plain text when ``family`` is None, else the chat rendered in ``family``'s format with
-    the assistant header appended (``render_chat(..., add_generation_prompt=True)``)."""
-    if family is None:
+  def render(self, example: Example, shots: int = 0, chat: str | ChatTemplate | None = None) -> str:
+    """Plain text when ``chat`` is None, else the conversation rendered as a chat with the
+    assistant header appended (``render_chat(chat, ..., add_generation_prompt=True)``): ``chat``
+    is a family name (the built-in format) or a checkpoint's ``ChatTemplate``."""
+    if chat is None:
       return self.text(example, shots)
-    return render_chat(family, self.messages(example, shots), add_generation_prompt=True)
+    return render_chat(chat, self.messages(example, shots), add_generation_prompt=True)
 
   def grade(self, example: Example, completion: str) -> Verdict:
     return self.grader(completion, example[self.reference_field])

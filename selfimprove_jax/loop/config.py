@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from selfimprove_jax.families import FAMILIES
 from selfimprove_jax.loop import rewards, selectors
 from selfimprove_jax.training import remat as remat_lib
 from selfimprove_jax.loop.registry import check as _check
@@ -75,7 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_train=512,  # prompts the loop draws from (the first ones of the loaded split)
       num_eval=128,  # held-out prompts, disjoint from the training prompts
       shots=0,  # exemplars in the prompt
-      chat=False,  # render prompts with the model family's chat template
+      chat=False,  # render prompts as a chat (see chat_format)
+      # "checkpoint": the chat template the checkpoint ships (model.checkpoint, or the tokenizer
+      # directory of a preset), an error when it has none; or a family name (llama3, gemma2, ...)
+      # for the built-in renderer of tokenizer/chat.py.
+      chat_format="checkpoint",
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -177,6 +182,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("model.tokenizer", c.model.tokenizer, bool(c.model.tokenizer),
            "model.source='preset' needs a tokenizer path")
   _check("task.num_train", c.task.num_train, c.task.num_train >= 1, "must be >= 1")
+  _check("task.chat_format", c.task.chat_format,
+         c.task.chat_format in ("checkpoint", *FAMILIES),
+         f"must be 'checkpoint' or a family in {FAMILIES}")
   _check("task.num_eval", c.task.num_eval, c.task.num_eval >= 1,
          "must be >= 1: every round ends with the held-out eval (eval.json, summary.json)")
   _check("loop.num_rounds", c.loop.num_rounds, c.loop.num_rounds >= 0, "must be >= 0")

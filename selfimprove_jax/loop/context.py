@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +31,10 @@ from selfimprove_jax.loop import config as loop_config
 from selfimprove_jax.loop.workdir import Workdir, check_workdir, commit
 from selfimprove_jax.models import Transformer, TransformerConfig, get_preset, init_params
 from selfimprove_jax.models.transformer import param_shardings
+from selfimprove_jax.families import FAMILIES
 from selfimprove_jax.tokenizer import Tokenizer
+from selfimprove_jax.tokenizer.hf_tokenizer import special_tokens
+from selfimprove_jax.tokenizer.template import ChatTemplate, read_template
 from selfimprove_jax.training import lora
 
 STAGE_IDS = {"sample": 1, "score": 2, "select": 3, "train": 4, "eval": 5, "rationalize": 6,
@@ -73,7 +77,7 @@ class Context:
   eval_examples: list[dict]
   model_config: TransformerConfig
   tokenizer: Tokenizer
-  chat_family: str | None
+  chat: str | ChatTemplate | None
   sample_model: Transformer
   train_model: Transformer
   encode: Callable[[dict], list[int]]
@@ -116,7 +120,7 @@ class Context:
     c = self.config.task
     return Prompts(
         ids={e["id"]: self.encode(e) for e in examples},
-        texts={e["id"]: self.task.render(e, shots=c.shots, family=self.chat_family)
+        texts={e["id"]: self.task.render(e, shots=c.shots, chat=self.chat)
                for e in examples},
         examples={e["id"]: e for e in examples})
 
@@ -145,8 +149,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | Any, *,
   c = config.train.lora
   lora_config = None if c.rank == 0 else lora.LoraConfig(
       rank=c.rank, alpha=c.alpha, targets=_LORA_TARGETS.get(c.targets, c.targets))
-  model_config, tokenizer, chat_family, params = _load_model(config, mesh, lora_config is None)
-  encode = pipeline.prompt_encoder(task, tokenizer, shots=config.task.shots, family=chat_family)
+  model_config, tokenizer, chat, params = _load_model(config, mesh, lora_config is None)
+  encode = pipeline.prompt_encoder(task, tokenizer, shots=config.task.shots, chat=chat)
   longest = max(len(encode(e)) for e in train_examples + eval_examples)
   max_new = max(config.sample.max_new_tokens, config.eval.max_new_tokens)
   seq_len = config.train.max_len or scoring.round_up(longest + max_new, 16)
@@ -157,7 +161,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | Any, *,
       config=config, workdir=wd, writer=multihost.is_writer(), progress_bars=progress_bars,
       mesh=mesh, sample_mesh=sample_mesh, task=task, train_examples=train_examples,
       eval_examples=eval_examples,
-      model_config=model_config, tokenizer=tokenizer, chat_family=chat_family,
+      model_config=model_config, tokenizer=tokenizer, chat=chat,
       sample_model=Transformer(model_config, sample_mesh, sh.SAMPLE_RULES),
       train_model=Transformer(model_config, mesh, sh.TRAIN_RULES), encode=encode,
       seq_len=seq_len, lora=lora_config, checkpoint_params=params,
@@ -191,7 +195,7 @@ def _load_task(config: ml_collections.ConfigDict) -> tuple[Task, list[dict], lis
 
 
 def _load_model(config: ml_collections.ConfigDict, mesh: Mesh, master: bool):
-  """(model config, tokenizer, chat family or None, loaded params or None).
+  """(model config, tokenizer, chat format or None, loaded params or None).
 
   Parameters are stored in float32 when they are trained in full (``master``: the optimizer's
   small updates must not round away) and in the compute dtype when they stay frozen (LoRA).
@@ -206,23 +210,44 @@ def _load_model(config: ml_collections.ConfigDict, mesh: Mesh, master: bool):
         num_heads=s.num_heads, num_kv_heads=s.num_heads, head_dim=s.head_dim, mlp_dim=s.mlp_dim,
         tie_embeddings=True, rope_theta=10_000.0, max_len=256, dtype=c.dtype,
         param_dtype=param_dtype)
-    tokenizer, chat_family = synthetic.CharTokenizer(), None
+    tokenizer, chat = synthetic.CharTokenizer(), None
   elif c.source in ("hf", "native"):
     from selfimprove_jax import checkpoint  # pylint: disable=g-import-not-at-top
     load = checkpoint.load_hf if c.source == "hf" else checkpoint.load_native
-    model_config, params, tokenizer, _ = load(c.checkpoint, mesh=mesh, rules=sh.TRAIN_RULES,
-                                              dtype=param_dtype)
+    model_config, params, tokenizer, template = load(c.checkpoint, mesh=mesh,
+                                                     rules=sh.TRAIN_RULES, dtype=param_dtype)
     model_config = model_config.replace(dtype=c.dtype, param_dtype=param_dtype)
-    chat_family = model_config.family if config.task.chat else None
+    chat = _chat_format(config, tokenizer, template, c.checkpoint)
   else:
     from selfimprove_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     model_config = get_preset(c.preset).replace(dtype=c.dtype, param_dtype=param_dtype)
     tokenizer = load_tokenizer(c.tokenizer)
-    chat_family = model_config.family if config.task.chat else None
+    found = read_template(c.tokenizer) if os.path.isdir(c.tokenizer) else None
+    chat = _chat_format(config, tokenizer, found and found[0], c.tokenizer)
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ValueError(f"config.model: the tokenizer has {tokenizer.vocab_size} pieces but the "
                      f"model embeds only {model_config.vocab_size}")
-  return model_config, tokenizer, chat_family, params
+  return model_config, tokenizer, chat, params
+
+
+def _chat_format(config: ml_collections.ConfigDict, tokenizer: Tokenizer, template: str | None,
+                 source: str) -> str | ChatTemplate | None:
+  """What renders the prompts: None (plain text), a family name, or the checkpoint's template."""
+  c = config.task
+  if not c.chat:
+    return None
+  if c.chat_format != "checkpoint":
+    return c.chat_format
+  if template is None:
+    raise ValueError(f"config.task.chat=True: {source} has no chat template (chat_template.jinja, "
+                     "or chat_template in tokenizer_config.json); set config.task.chat_format to "
+                     f"a family in {FAMILIES} to render with a built-in format")
+  # The special-token strings as transformers passes them (tokenizer_config.json), else decoded.
+  named = special_tokens(source) if os.path.isdir(source) else {}
+  token = lambda key, i: named[key] if key in named else (
+      None if i is None else tokenizer.decode([i]))
+  return ChatTemplate(template, bos_token=token("bos_token", tokenizer.bos_id),
+                      eos_token=token("eos_token", tokenizer.eos_id), origin=f"of {source}")
 
 
 def _synthetic_base(ctx: Context) -> Any:

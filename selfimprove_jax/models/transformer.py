@@ -132,6 +132,16 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any =
   return jax.jit(make, out_shardings=out)()
 
 
+def fork_cache(cache: KVCache, n: int, mesh=None, rules=None) -> KVCache:
+  """Each row's cache repeated ``n`` times (row b becomes rows b*n .. b*n+n-1): N samples, or N
+  scored completions, continue one prompt's prefill."""
+  fork = lambda x, axes: sh.constrain(jnp.repeat(x, n, axis=0), axes, mesh, rules)
+  return KVCache(k=tuple(fork(k, CACHE_KV_AXES) for k in cache.k),
+                 v=tuple(fork(v, CACHE_KV_AXES) for v in cache.v),
+                 pos=fork(cache.pos, CACHE_POS_AXES), index=cache.index,
+                 ring_pos=None if cache.ring_pos is None else fork(cache.ring_pos, CACHE_POS_AXES))
+
+
 class Transformer(nn.Module):
   """Decoder-only transformer.
 

@@ -24,14 +24,31 @@ class Tokenizer(abc.ABC):
     eos_id: end-of-sequence id.
     pad_id: padding id. Models that ship without one (Llama 3, Mistral) pad with ``eos_id``:
       padded positions are masked out, so any valid id works, and EOS is the one every model has.
-    stop_ids: ids that end generation -- EOS first, then every known end-of-turn marker
-      (``<end_of_turn>``, ``<|eot_id|>``, ``<|end|>``, ``<|im_end|>``) present in the vocabulary.
+    stop_ids: ids that end generation: a checkpoint's ``generation_config.json`` ``eos_token_id``
+      list when it has one (what transformers' ``generate`` stops on), else EOS first, then every
+      known end-of-turn marker (``<end_of_turn>``, ``<|eot_id|>``, ``<|end|>``, ``<|im_end|>``)
+      present in the vocabulary.
+
+  ``adds_bos``: whether ``encode(add_bos=True)`` puts BOS in front of plain text, as the
+  checkpoint's own tokenizer does (SmolLM2's and Qwen's do not); loaders set it.
   """
+
+  adds_bos: bool = True
 
   def __init__(self, *, bos_id: int | None, eos_id: int, pad_id: int | None):
     self._bos_id = bos_id
     self._eos_id = eos_id
     self._pad_id = eos_id if pad_id is None else pad_id
+    self._stop_ids: tuple[int, ...] | None = None
+
+  def set_stop_ids(self, ids: Sequence[int]) -> None:
+    """Generation stops on exactly ``ids`` (e.g. a generation config's ``eos_token_id`` list)."""
+    ids = tuple(int(i) for i in ids)
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if not ids or bad:
+      raise ValueError(f"stop ids {list(ids)}: need at least one, each in [0, {self.vocab_size})")
+    self._stop_ids = ids
+    self.__dict__.pop("stop_ids", None)
 
   # --- Backend primitives -------------------------------------------------------------------
 
@@ -68,6 +85,8 @@ class Tokenizer(abc.ABC):
 
   @functools.cached_property
   def stop_ids(self) -> tuple[int, ...]:
+    if self._stop_ids is not None:
+      return self._stop_ids
     ids = [self._eos_id]
     for piece in END_OF_TURN_PIECES:
       i = self._lookup(piece)
@@ -88,9 +107,10 @@ class Tokenizer(abc.ABC):
     """Token ids of ``text``.
 
     With ``add_bos=True`` the result starts with exactly one BOS, also when the text itself
-    already begins with the BOS string (as rendered chat prompts do); with ``add_bos=False``
-    no BOS is added (one written literally in the text is kept). Models without a BOS token
-    get none either way. EOS is never appended.
+    already begins with the BOS string (as rendered chat prompts do), if the tokenizer puts BOS
+    in front of text at all (``adds_bos``); with ``add_bos=False`` no BOS is added (one written
+    literally in the text is kept). Models without a BOS token get none either way. EOS is never
+    appended.
     """
     if not isinstance(text, str):
       raise TypeError(f"encode expects a str, got {type(text).__name__}")
@@ -107,7 +127,7 @@ class Tokenizer(abc.ABC):
         raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, expected str")
     batch = self._encode_raw(texts)
     bos = self._bos_id
-    if add_bos and bos is not None:
+    if add_bos and self.adds_bos and bos is not None:
       batch = [ids if ids[:1] == [bos] else [bos, *ids] for ids in batch]
     return batch
 

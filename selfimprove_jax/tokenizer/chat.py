@@ -1,7 +1,10 @@
 """Instruct-format chat rendering for each supported model family, as pure string functions.
 
-The output matches the official Hugging Face chat templates of these models for system / user /
-assistant turns (tool calls and multimodal content are out of scope). Rendered text already
+A checkpoint's own template (``template.ChatTemplate``) is what real checkpoints are rendered with;
+these renderers are the fallback for checkpoints without one and a way to override it. Their output
+matches the official Hugging Face chat templates of these models for system / user / assistant
+turns (tool calls and multimodal content are out of scope), except where the notes below say
+(``tests/test_chat_templates.py`` checks both). Rendered text already
 contains the family's BOS string where the template has one, so encode it with
 ``add_bos=False`` (``Tokenizer.encode(add_bos=True)`` also never doubles it).
 """
@@ -16,6 +19,7 @@ from selfimprove_jax.families import FAMILIES
 
 if TYPE_CHECKING:
   from selfimprove_jax.tokenizer.base import Tokenizer
+  from selfimprove_jax.tokenizer.template import ChatTemplate
 
 ROLES = ("system", "user", "assistant")
 
@@ -45,12 +49,13 @@ _OPTIONS: Mapping[str, Mapping[str, object]] = MappingProxyType({
 _Turns = list[tuple[str, str, dict]]  # (role, content, original message)
 
 
-def render_chat(family: str, messages: Sequence[Mapping[str, str]],
+def render_chat(family: str | ChatTemplate, messages: Sequence[Mapping[str, str]],
                 add_generation_prompt: bool = True, **options) -> str:
-  """Render ``messages`` in ``family``'s instruct format.
+  """Render ``messages`` in ``family``'s instruct format, or with a checkpoint's own template.
 
   Args:
-    family: one of ``FAMILIES``.
+    family: one of ``FAMILIES``, or a ``template.ChatTemplate`` (a checkpoint's template, which
+      then renders everything and takes ``options`` as template variables).
     messages: dicts with ``"role"`` (``"system"``, ``"user"`` or ``"assistant"``) and
       ``"content"`` (str). Qwen 3 assistant messages may also carry ``"reasoning_content"``.
     add_generation_prompt: end with the header that opens an assistant turn. Mistral has no
@@ -66,12 +71,15 @@ def render_chat(family: str, messages: Sequence[Mapping[str, str]],
       as ``{system}\\n\\n{user}``. A system message anywhere else is rejected (the official
       templates let some through as an undocumented ``<start_of_turn>system`` turn).
     llama3: the Llama 3.0 template; contents are stripped. Llama 3.1+ templates also emit a
-      system preamble with "Cutting Knowledge Date" and "Today Date" lines; not rendered here.
+      system preamble with "Cutting Knowledge Date" and "Today Date" lines; not rendered here
+      (the checkpoint's own template, ``template.ChatTemplate``, renders them).
     mistral: the v0.3 template. The leading system message is prepended to the last user
       message. The official template does so only when that user message is the final message
       and otherwise drops the system message; prepending regardless keeps a rendered prompt a
       prefix of the rendered prompt-plus-answer, which training on sampled answers relies on.
-      Assistant contents are stripped, user contents are not.
+      Assistant contents are stripped, user contents are not. Later Mistral checkpoints (Nemo,
+      with the Tekken tokenizer) write ``[INST]`` without the following space and keep assistant
+      contents unstripped: render those with the checkpoint's own template.
     phi3: without a generation prompt the text ends with ``<|endoftext|>``.
     qwen2: a default system message is inserted when none is given.
     qwen3: like the official template, ``<think>...</think>`` is stripped from assistant turns
@@ -82,6 +90,8 @@ def render_chat(family: str, messages: Sequence[Mapping[str, str]],
     ValueError: unknown family, role or option, empty messages, or a conversation the family's
       template rejects (gemma2 system message, non-alternating gemma/mistral roles).
   """
+  if not isinstance(family, str):
+    return family.render(messages, add_generation_prompt, **options)
   if family not in FAMILIES:
     raise ValueError(f"unknown chat family {family!r}; expected one of {FAMILIES}")
   allowed = _OPTIONS.get(family, {})

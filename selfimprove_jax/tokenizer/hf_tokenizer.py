@@ -60,20 +60,14 @@ class HFTokenizer(Tokenizer):
       ValueError: no EOS token configured, or a malformed token entry.
     """
     model_dir = pathlib.Path(model_dir)
-    found: dict[str, str | None] = {}
-    for name in _CONFIG_FILES:
-      path = model_dir / name
-      if not path.is_file():
-        continue
-      config = json.loads(path.read_text(encoding="utf-8"))
-      for key in _SPECIAL_KEYS:
-        if key in config and key not in found:
-          found[key] = _token_content(config[key], f"{path}: {key}")
+    found = special_tokens(model_dir)
     if found.get("eos_token") is None:
       raise ValueError(f"no eos_token in {' or '.join(_CONFIG_FILES)} under {model_dir}; "
                        "construct HFTokenizer with explicit token strings instead")
-    return cls(model_dir / "tokenizer.json", eos_token=found["eos_token"],
-               bos_token=found.get("bos_token"), pad_token=found.get("pad_token"))
+    tokenizer = cls(model_dir / "tokenizer.json", eos_token=found["eos_token"],
+                    bos_token=found.get("bos_token"), pad_token=found.get("pad_token"))
+    tokenizer.adds_bos = _adds_bos(model_dir)
+    return tokenizer
 
   def save(self, model_dir: str | os.PathLike) -> pathlib.Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens) to ``model_dir``.
@@ -105,6 +99,47 @@ class HFTokenizer(Tokenizer):
 
   def _decode_raw(self, batch: list[list[int]], skip_special: bool) -> list[str]:
     return self._tok.decode_batch(batch, skip_special_tokens=skip_special)
+
+
+def special_tokens(model_dir: str | os.PathLike) -> dict[str, str | None]:
+  """``bos_token`` / ``eos_token`` / ``pad_token`` strings of a checkpoint directory, from
+  ``tokenizer_config.json`` and, for keys it lacks, ``special_tokens_map.json`` (as transformers
+  reads them); a key absent from both is absent here, a null stays None."""
+  model_dir = pathlib.Path(model_dir)
+  found: dict[str, str | None] = {}
+  for name in _CONFIG_FILES:
+    path = model_dir / name
+    if not path.is_file():
+      continue
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in _SPECIAL_KEYS:
+      if key in config and key not in found:
+        found[key] = _token_content(config[key], f"{path}: {key}")
+  return found
+
+
+def _adds_bos(model_dir: pathlib.Path) -> bool:
+  """Whether the checkpoint's tokenizer puts BOS in front of plain text, as transformers'
+  ``tokenizer(text)`` does: ``add_bos_token`` in tokenizer_config.json when given, else whether
+  tokenizer.json's post-processor inserts a special token (Llama 3, Gemma yes; SmolLM2, Qwen no)."""
+  config_path = model_dir / "tokenizer_config.json"
+  if config_path.is_file():
+    flag = json.loads(config_path.read_text(encoding="utf-8")).get("add_bos_token")
+    if isinstance(flag, bool):
+      return flag
+  processor = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get(
+      "post_processor")
+
+  def inserts_special(p) -> bool:
+    if not isinstance(p, dict):
+      return False
+    if p.get("type") == "Sequence":
+      return any(inserts_special(q) for q in p.get("processors", []))
+    if p.get("type") == "TemplateProcessing":
+      return any("SpecialToken" in item for item in p.get("single", []))
+    return p.get("type") in ("BertProcessing", "RobertaProcessing")
+
+  return True if processor is None else inserts_special(processor)
 
 
 def _token_content(value, where: str) -> str | None:

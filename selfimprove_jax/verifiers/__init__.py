@@ -46,7 +46,8 @@ from selfimprove_jax.verifiers.voting import (borda_ranks, borda_vote, group_ind
 
 _LAZY = {
     "SelfReward": "self_reward", "SELF_REWARD_KINDS": "self_reward",
-    "score_completions": "self_reward", "rewards_from_scores": "self_reward",
+    "score_completions": "self_reward", "score_sampled": "self_reward",
+    "rewards_from_scores": "self_reward",
     "YesNoJudge": "judge", "RubricJudge": "judge", "next_token_logprobs": "judge",
     "check_template": "judge", "YES_NO_TEMPLATE": "judge", "RUBRIC_TEMPLATE": "judge",
     "RUBRIC_SCORES": "judge",

@@ -1,8 +1,9 @@
 """Self-rewards under given params: log pi(y|x), log pi(y|x)/|y| and self-certainty.
 
-All three come from one teacher-forced pass of ``scoring.score_in_batches`` (the jitted scorer).
-The sharpening self-reward is ``"logprob"`` under the *base* params, whatever model sampled y.
-Token-level entry point: ``score_completions`` (what the sampler produced, exactly); text-level:
+All three come from one teacher-forced pass of the jitted scorer. The sharpening self-reward is
+``"logprob"`` under the *base* params, whatever model sampled y. Token-level entry points:
+``score_sampled`` (a ``sampling.Completions`` as the sampler returned it, each prompt read once for
+its N samples) and ``score_completions`` (any prompt/completion id pairs); text-level:
 ``SelfReward``, a reward function that tokenizes the prompt (with BOS) and the completion (without)
 separately and appends EOS, which is how a sampled completion follows its prompt.
 
@@ -15,8 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
+from selfimprove_jax import multihost
 from selfimprove_jax import scoring
 from selfimprove_jax.models import Transformer
 from selfimprove_jax.tokenizer import Tokenizer
@@ -55,13 +59,15 @@ def pad_left(rows: Sequence[Sequence[int]], min_length: int = 16) -> tuple[np.nd
 def score_completions(model: Transformer, params: Any, prompt_ids: Sequence[Sequence[int]],
                       completion_ids: Sequence[Sequence[int]], *, batch_size: int = 8,
                       chunk_size: int | None = scoring.DEFAULT_CHUNK, min_prompt_len: int = 16,
-                      min_completion_len: int = 16) -> scoring.Scores:
+                      min_completion_len: int = 16, entropy: bool = True,
+                      self_certainty: bool = True) -> scoring.Scores:
   """Teacher-forced scores of each completion after its prompt (``scoring.Scores`` of NumPy
   arrays with leading dimension S = number of pairs).
 
   Every completion token is scored, including an EOS if the caller appended one; the first prompt
   token is never scored and is needed: a row with an empty prompt scores its completion from the
-  second token on.
+  second token on. ``entropy`` / ``self_certainty`` False skip those passes over the vocabulary
+  (their fields are then None). N samples of one prompt: ``score_sampled`` reads the prompt once.
   """
   if len(prompt_ids) != len(completion_ids):
     raise ValueError(f"score_completions: {len(prompt_ids)} prompts but {len(completion_ids)} "
@@ -78,7 +84,59 @@ def score_completions(model: Transformer, params: Any, prompt_ids: Sequence[Sequ
   tokens_SxL, input_mask_SxL, loss_mask_SxL = (np.asarray(a) for a in scoring.completion_batch(
       prompt_SxP, prompt_mask_SxP, completion_SxC, lengths_S))
   return scoring.score_in_batches(model, params, tokens_SxL, input_mask_SxL, loss_mask_SxL,
-                                  batch_size=batch_size, chunk_size=chunk_size)
+                                  batch_size=batch_size, chunk_size=chunk_size, entropy=entropy,
+                                  self_certainty=self_certainty)
+
+
+def score_sampled(model: Transformer, params: Any, completions: Any, *, batch_size: int = 8,
+                  chunk_size: int | None = scoring.DEFAULT_CHUNK, entropy: bool = False,
+                  self_certainty: bool = True, progress: bool = False) -> scoring.Scores:
+  """Scores every sample of a ``sampling.Completions`` after its own prompt's ids, reading each
+  prompt once (``scoring.score_forked``: the prompt is prefilled and forked to its N samples, as
+  the sampler did), ``batch_size`` prompts per call.
+
+  Rows are flattened prompt-major: prompt i, sample j is row i * N + j. Prompts are padded to one
+  ``scoring.length_bucket`` and completions to a multiple of 16, both over the whole call, so a
+  call compiles one program. Per-token entropy (a pass over the vocabulary per token) is off by
+  default; self-certainty is on. Returns ``scoring.Scores`` of NumPy arrays, per-token fields
+  (S, C) aligned with the completion tokens.
+  """
+  if batch_size < 1:
+    raise ValueError(f"score_sampled: batch_size={batch_size!r} must be >= 1")
+  samples = completions.tokens
+  if len(completions.prompt_ids) != len(samples) or not samples:
+    raise ValueError(f"score_sampled: {len(completions.prompt_ids)} prompt_ids for "
+                     f"{len(samples)} prompts' samples (need as many, at least one)")
+  N = len(samples[0])
+  if N == 0 or any(len(per_prompt) != N for per_prompt in samples):
+    raise ValueError(f"score_sampled: every prompt needs the same number of samples, got "
+                     f"{sorted({len(p) for p in samples})}")
+  vocab = model.config.vocab_size
+  prompts = _check_ids("completions.prompt_ids", completions.prompt_ids, vocab)
+  flat = _check_ids("completions.tokens", [t for per_prompt in samples for t in per_prompt], vocab)
+  if any(not p for p in prompts):
+    raise ValueError("score_sampled: every prompt needs at least one token")
+  prompt_SxP, prompt_mask_SxP = pad_left(prompts)
+  C = scoring.round_up(max(max(len(t) for t in flat), 1), 16)
+  completion_RxC = np.zeros((len(flat), C), np.int32)
+  for r, ids in enumerate(flat):
+    completion_RxC[r, :len(ids)] = ids
+  lengths_R = np.array([len(t) for t in flat], np.int32)
+
+  n = len(prompts)
+  padded = scoring.round_up(n, batch_size)  # the last batch repeats prompt 0, then is dropped
+  take = np.concatenate([np.arange(n), np.zeros(padded - n, int)])
+  rows = (take[:, None] * N + np.arange(N)).reshape(-1)
+  results = []
+  for start in tqdm(range(0, padded, batch_size), disable=not progress, desc="scoring",
+                    unit="batch"):
+    b = take[start:start + batch_size]
+    r = rows[start * N:(start + batch_size) * N]
+    out = scoring.score_forked_jit(model, params, prompt_SxP[b], prompt_mask_SxP[b],
+                                   completion_RxC[r], lengths_R[r], chunk_size=chunk_size,
+                                   entropy=entropy, self_certainty=self_certainty)
+    results.append(multihost.fetch(out))
+  return jax.tree.map(lambda *xs: np.concatenate(xs)[:n * N], *results)
 
 
 def rewards_from_scores(scores: scoring.Scores, kind: str) -> list[float | None]:
