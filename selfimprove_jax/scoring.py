@@ -24,6 +24,7 @@ V vocabulary, N chunks, K chunk length (N * K >= L), S sequences in a host-side 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -67,6 +68,14 @@ class Scores:
 
 
 # ------------------------------------------------------------------------------ pure functions
+
+def empty_scores(length: int, entropy: bool = True, self_certainty: bool = True) -> Scores:
+  """``Scores`` of no sequences (NumPy arrays with leading dimension 0)."""
+  per_seq = lambda dtype=np.float32: np.zeros((0,), dtype)
+  return Scores(np.zeros((0, length), np.float32),
+                np.zeros((0, length), np.float32) if entropy else None, per_seq(), per_seq(),
+                per_seq() if self_certainty else None, per_seq(np.int32))
+
 
 def round_up(n: int, multiple: int) -> int:
   """The least multiple of ``multiple`` >= ``n``: padded lengths and batch sizes."""
@@ -146,6 +155,35 @@ def completion_batch(prompt_BxP: jax.Array, prompt_mask_BxP: jax.Array, completi
   loss_mask_BxL = jnp.concatenate([jnp.zeros((B, P), bool), completion_mask_BxC], axis=1)
   tokens_BxL = jnp.concatenate([prompt_BxP, completion_BxC], axis=1).astype(jnp.int32)
   return jnp.where(input_mask_BxL, tokens_BxL, 0), input_mask_BxL, loss_mask_BxL
+
+
+def pack_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                   length: int | None = None, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Host-side training batch of (prompt, completion) id pairs: each row is the prompt then the
+  completion, right-padded to ``length`` (default: the longest pair, rounded up to 16), the loss
+  on the completion's tokens only; what ``training.make_loss("sft")`` and the update step read.
+
+  Returns:
+    {"tokens_BxL" int32, "input_mask_BxL" bool, "loss_mask_BxL" bool}, B = number of pairs.
+  Raises:
+    ValueError: the counts differ, or a pair is longer than ``length``.
+  """
+  if len(prompt_ids) != len(completion_ids):
+    raise ValueError(f"pack_sequences: {len(prompt_ids)} prompts but {len(completion_ids)} "
+                     "completions")
+  longest = max((len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)), default=1)
+  L = round_up(longest, 16) if length is None else length
+  if longest > L:
+    raise ValueError(f"pack_sequences: length={L} but a prompt and completion take {longest}")
+  B = len(prompt_ids)
+  tokens = np.full((B, L), pad_id, np.int32)
+  input_mask, loss_mask = np.zeros((B, L), bool), np.zeros((B, L), bool)
+  for b, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+    n = len(prompt) + len(completion)
+    tokens[b, :n] = list(prompt) + list(completion)
+    input_mask[b, :n] = True
+    loss_mask[b, len(prompt):n] = True
+  return {"tokens_BxL": tokens, "input_mask_BxL": input_mask, "loss_mask_BxL": loss_mask}
 
 
 # ------------------------------------------------------------------------------ the scorer
@@ -295,6 +333,14 @@ score_forked_jit = jax.jit(score_forked,
                            static_argnames=("model", "chunk_size", "entropy", "self_certainty"))
 
 
+def place_rows(model: Transformer, x_BxT: Any) -> Any:
+  """A host batch (B, T) put on the model's mesh split over the batch axes (as is without one)."""
+  if model.mesh is None:
+    return x_BxT
+  return jax.device_put(x_BxT, sh.logical_sharding((sh.BATCH, sh.LENGTH), x_BxT.shape, model.mesh,
+                                                   model.rules))
+
+
 def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mask_SxL: Any,
                      loss_mask_SxL: Any, *, batch_size: int,
                      chunk_size: int | None = DEFAULT_CHUNK, entropy: bool = True,
@@ -319,12 +365,7 @@ def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mas
   input_mask_SxL = np.pad(input_mask_SxL.astype(bool), pad)
   loss_mask_SxL = np.pad(loss_mask_SxL.astype(bool), pad)
 
-  def place(x_BxL):
-    if model.mesh is None:
-      return x_BxL
-    return jax.device_put(x_BxL, sh.logical_sharding((sh.BATCH, sh.LENGTH), x_BxL.shape, model.mesh,
-                                                     model.rules))
-
+  place = lambda x_BxL: place_rows(model, x_BxL)
   results = []
   starts = range(0, padded, batch_size)
   for start in tqdm(starts, disable=not progress, desc="scoring", unit="batch"):
@@ -334,7 +375,5 @@ def score_in_batches(model: Transformer, params: Any, tokens_SxL: Any, input_mas
                     self_certainty=self_certainty)
     results.append(multihost.fetch(out))  # blocks, so fake-device collectives never pile up
   if not results:
-    per_seq = lambda dtype=np.float32: np.zeros((0,), dtype)
-    return Scores(np.zeros((0, L), np.float32), np.zeros((0, L), np.float32) if entropy else None,
-                  per_seq(), per_seq(), per_seq() if self_certainty else None, per_seq(np.int32))
+    return empty_scores(L, entropy, self_certainty)
   return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *results)

@@ -135,6 +135,14 @@ def test_selection_semantics_in_tables(tmp_path, smoke_base):
     best = max(rows, key=lambda r: r["base_logprob"])
     assert next(r for r in rows if r["selected"])["base_logprob"] == best["base_logprob"]
     assert all(r["reward"] == r["base_logprob"] for r in rows)
+    # Round 1 samples from the base: each row's score is its own sample's log-prob.
+    np.testing.assert_allclose([r["base_logprob"] for r in rows],
+                               [r["model_logprob"] for r in rows], rtol=1e-4, atol=1e-3)
+  # Round 0's eval table interleaves prompts (greedy rows, then N samples per prompt); the scorer
+  # reads them grouped by prompt and must put every score back on its own row.
+  heldout = loop.read_table(workdir / "round_000" / "eval_samples.jsonl")
+  np.testing.assert_allclose([r["base_logprob"] for r in heldout],
+                             [r["model_logprob"] for r in heldout], rtol=1e-4, atol=1e-3)
 
   workdir = fresh_workdir(tmp_path, smoke_base, "pairs")
   loop.run(method_config("rlhf_sharpening", **{"loop.num_rounds": 1}), workdir,

@@ -240,8 +240,12 @@ def test_score_sampled_reads_the_sampler_output(setup):
     i, j = divmod(row, 2)
     np.testing.assert_allclose(scores.token_logprobs_BxL[row, :len(t)],
                                out.model_logprobs[i][j], atol=2e-4)
-  with pytest.raises(ValueError, match="same number of samples"):
-    self_reward.score_sampled(model, params, out.replace(tokens=[out.tokens[0][:1]] + out.tokens[1:]))
+  # Groups of different sizes (padded with unscored rows inside), and batches of one prompt.
+  ragged = self_reward.score_groups(model, params, prompts, [out.tokens[0][:1], [], out.tokens[2]],
+                                    batch_size=1)
+  np.testing.assert_allclose(ragged.sum_logprob_B, scores.sum_logprob_B[[0, 4, 5]], atol=1e-5)
+  with pytest.raises(ValueError, match=r"prompt_ids\[1\] is empty"):
+    self_reward.score_groups(model, params, [[1], []], [[[2]], [[3]]])
 
 
 def test_self_reward_refuses_bad_input(setup, tok):

@@ -53,20 +53,21 @@ def define_flags(flag_values=None) -> dict:
                                     "score steps: 'tensor' folds --mesh's fsdp axis into tensor "
                                     "(the loop's default), 'train' keeps --mesh.", **on),
       batch=flags.DEFINE_integer("batch", 8, "Update step: sequences (pairs for pair losses) "
-                                 "per step; the default for --sample_batch, --score_batch.", **on),
+                                 "per step; the default for --sample_batch.", **on),
       sample_batch=flags.DEFINE_integer("sample_batch", None, "Sample step: prompts per call.",
                                         **on),
-      score_batch=flags.DEFINE_integer("score_batch", None, "Score step: sequences per call.",
+      score_batch=flags.DEFINE_integer("score_batch", None, "Score step: sequences per call, a "
+                                       "multiple of --num_samples (default batch x num_samples).",
                                        **on),
-      seq_len=flags.DEFINE_integer("seq_len", 2048, "Update and score steps: sequence length L; "
-                                   "sample step: prompt + new tokens when --prompt_len is not "
-                                   "given.", **on),
-      prompt_len=flags.DEFINE_integer("prompt_len", None, "Sample step: padded prompt length P "
-                                      "(default seq_len - max_new_tokens).", **on),
-      num_samples=flags.DEFINE_integer("num_samples", 4, "Sample step: samples per prompt N.",
-                                       **on),
-      max_new_tokens=flags.DEFINE_integer("max_new_tokens", 512, "Sample step: new tokens M.",
-                                          **on),
+      seq_len=flags.DEFINE_integer("seq_len", 2048, "Update step: sequence length L; sample "
+                                   "and score steps: prompt + new tokens when --prompt_len is "
+                                   "not given.", **on),
+      prompt_len=flags.DEFINE_integer("prompt_len", None, "Sample and score steps: padded "
+                                      "prompt length P (default seq_len - max_new_tokens).", **on),
+      num_samples=flags.DEFINE_integer("num_samples", 4, "Sample and score steps: samples per "
+                                       "prompt N.", **on),
+      max_new_tokens=flags.DEFINE_integer("max_new_tokens", 512, "Sample and score steps: new "
+                                          "tokens M.", **on),
       dtype=flags.DEFINE_string("dtype", "bfloat16", f"Compute dtype {DTYPES} (full fine-tuning "
                                 "keeps float32 master weights).", **on),
       loss=flags.DEFINE_enum("loss", "sft", list(LOSSES), "Update step: the loss.", **on),

@@ -20,7 +20,7 @@ from selfimprove_jax.compile_check.memory import (GIB, Report, StepMemory, batch
 from selfimprove_jax.models import PRESETS, TINY, Transformer, TransformerConfig, get_preset
 from selfimprove_jax.models.config import DTYPES
 from selfimprove_jax.sampling import SamplingParams, generate
-from selfimprove_jax.scoring import DEFAULT_CHUNK, score_jit
+from selfimprove_jax.scoring import DEFAULT_CHUNK, score_forked_jit
 from selfimprove_jax.training import remat as remat_lib
 from selfimprove_jax.training.state import make_optimizer, state_shardings
 from selfimprove_jax.training.step import make_update_step
@@ -210,31 +210,45 @@ def sample_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, pro
       compiler_options))
 
 
-def score_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, seq_len: int,
+def score_step_memory(config: TransformerConfig, mesh: Mesh, *, batch: int, prompt_len: int,
+                      num_samples: int, completion_len: int,
                       chunk_size: int | None = DEFAULT_CHUNK, budget: int | None = None,
                       compile: bool = True,
                       compiler_options: dict[str, Any] | None = None) -> StepMemory:
-  """Memory of ``scoring.score_jit`` (log-probs, entropy, self-certainty: the self-rewards) of
-  ``batch`` sequences of ``seq_len`` tokens under the compute-dtype params."""
-  positive_int("batch", batch)
-  positive_int("seq_len", seq_len)
+  """Memory of ``scoring.score_forked_jit`` (log-probs and self-certainty: the self-rewards) as
+  the loop calls it: ``batch`` sequences per call, ``batch // num_samples`` prompts of
+  ``prompt_len`` tokens each read once and forked to ``num_samples`` completions of
+  ``completion_len`` tokens, under the compute-dtype params. The step allocates the KV cache of
+  ``batch`` rows x (P + C) slots itself."""
+  for name, value in (("batch", batch), ("prompt_len", prompt_len), ("num_samples", num_samples),
+                      ("completion_len", completion_len)):
+    positive_int(name, value)
+  if batch % num_samples:
+    fail("batch", batch, f"must be a multiple of num_samples={num_samples} (whole prompts)")
   shards = batch_shards(mesh, sh.SAMPLE_RULES)
   if batch % shards:
     fail("batch", batch, f"must be a multiple of the mesh's {shards} batch shards (data x fsdp)")
+  prompts = batch // num_samples
   params = inputs.params(config, mesh, config.dtype, sh.SAMPLE_RULES)
-  placed = sh.logical_sharding((sh.BATCH, sh.LENGTH), (batch, seq_len), mesh, sh.SAMPLE_RULES)
-  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=placed)
-  mask = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=placed)
-  report = StepMemory(step="score", description=f"{batch} sequences x {seq_len} tokens, "
-                      f"vocabulary chunk {chunk_size or 'none'}; {_mesh_text(mesh)}",
-                      params=tree_bytes(params),
-                      optimizer=0, kv_cache=0, inputs=tree_bytes((tokens, mask, mask)),
-                      budget=budget)
+  place = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh.logical_sharding(
+      (sh.BATCH, sh.LENGTH), shape, mesh, sh.SAMPLE_RULES))
+  args = dict(prompt_BxP=place((prompts, prompt_len), jnp.int32),
+              prompt_mask_BxP=place((prompts, prompt_len), jnp.bool_),
+              completion_RxC=place((batch, completion_len), jnp.int32),
+              completion_lengths_R=_replicated(mesh, (batch,), jnp.int32))
+  cache_len = prompt_len + completion_len
+  report = StepMemory(step="score", description=(
+      f"{prompts} prompts x {prompt_len} tokens, {num_samples} completions each of "
+      f"{completion_len} tokens: KV cache {batch} rows x {cache_len} slots, vocabulary chunk "
+      f"{chunk_size or 'none'}; {_mesh_text(mesh)}"),
+      params=tree_bytes(params), optimizer=0,
+      kv_cache=kv_cache_bytes(config, batch, cache_len, mesh), inputs=tree_bytes(args),
+      budget=budget)
   if not compile:
     return report
   model = Transformer(config, mesh, sh.SAMPLE_RULES)
-  return dataclasses.replace(report, **_lower_and_compile(lambda: score_jit.lower(
-      model, params, tokens, mask, mask, chunk_size=chunk_size), compiler_options))
+  return dataclasses.replace(report, **_lower_and_compile(lambda: score_forked_jit.lower(
+      model, params, *args.values(), chunk_size=chunk_size, entropy=False), compiler_options))
 
 
 def check(preset: str | TransformerConfig, mesh: Mesh | dict[str, int] | str, *,
@@ -255,11 +269,12 @@ def check(preset: str | TransformerConfig, mesh: Mesh | dict[str, int] | str, *,
     mesh: a ``Mesh``, a dict of axis sizes, or a ``parse_mesh`` string, over ``devices``.
     steps: any of ``STEPS``.
     batch: update step: sequences (pairs for pair losses) per step.
-    seq_len: update and score steps: L; sample step: P + M when ``prompt_len`` is None.
-    num_samples, max_new_tokens: N and M of the sample step.
-    prompt_len: P of the sample step (default ``seq_len - max_new_tokens``).
-    sample_batch, score_batch: prompts per sampler call, sequences per scorer call (default
-      ``batch``).
+    seq_len: update step: L; sample and score steps: P + M when ``prompt_len`` is None.
+    num_samples, max_new_tokens: N and M of the sample step; the score step reads each prompt
+      once for N completions of M tokens.
+    prompt_len: P of the sample and score steps (default ``seq_len - max_new_tokens``).
+    sample_batch, score_batch: prompts per sampler call (default ``batch``), sequences per
+      scorer call (default ``batch * num_samples``, a multiple of N).
     dtype: the compute dtype (``TransformerConfig.dtype``); see ``inputs`` for the precision.
     loss, lora_rank, lora_targets, reference, remat, num_microbatches, chunk_size: the update
       step's ``inputs.Recipe`` (``chunk_size`` is also the scorer's).
@@ -293,7 +308,7 @@ def check(preset: str | TransformerConfig, mesh: Mesh | dict[str, int] | str, *,
     fail("budget_gib", budget_gib, "must be > 0")
   else:
     budget = None if budget_gib is None else int(budget_gib * GIB)
-  if "sample" in steps and prompt_len is None:
+  if ("sample" in steps or "score" in steps) and prompt_len is None:
     prompt_len = seq_len - max_new_tokens
     if prompt_len < 1:
       fail("max_new_tokens", max_new_tokens, f"must be < seq_len={seq_len} when prompt_len is "
@@ -315,8 +330,10 @@ def check(preset: str | TransformerConfig, mesh: Mesh | dict[str, int] | str, *,
           num_samples=num_samples, max_new_tokens=max_new_tokens, compile=step in compiled,
           **common))
     else:
-      reports.append(score_step_memory(config, sampling, batch=score_batch or batch, seq_len=seq_len,
-                                       chunk_size=chunk_size, compile=step in compiled, **common))
+      reports.append(score_step_memory(
+          config, sampling, batch=score_batch or batch * num_samples, prompt_len=prompt_len,
+          num_samples=num_samples, completion_len=max_new_tokens, chunk_size=chunk_size,
+          compile=step in compiled, **common))
   device = mesh.devices.flat[0]
   return Report(preset=name, config=config, mesh_shape=dict(mesh.shape), platform=device.platform,
                 device_kind=device.device_kind, steps=tuple(reports))

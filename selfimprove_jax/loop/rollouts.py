@@ -100,13 +100,23 @@ def generate(ctx: Context, sample: Sampler, examples: Sequence[dict],
 
 def score(ctx: Context, params: Any, rows: Sequence[dict], prompt_ids: dict[Any, list[int]]
           ) -> scoring.Scores:
-  """``scoring.Scores`` (NumPy, one entry per row) of each completion under ``params``, padded
-  to the run's ``score_lengths`` (one compiled scorer per run)."""
+  """``scoring.Scores`` (NumPy, one entry per row, in order) of each completion under
+  ``params``. Rows are grouped by prompt and each prompt is read once for all of its rows
+  (``self_reward.score_groups``), padded to the run's ``score_lengths`` (one compiled scorer per
+  group size); ``score.batch_size`` sequences per call."""
+  if not rows:
+    return scoring.empty_scores(ctx.score_lengths[1])
+  order: dict[Any, list[int]] = {}
+  for i, r in enumerate(rows):
+    order.setdefault(r["prompt_id"], []).append(i)
   min_prompt, min_completion = ctx.score_lengths
-  return self_reward.score_completions(
-      ctx.sample_model, for_sampling(ctx, params), [prompt_ids[r["prompt_id"]] for r in rows],
-      [r["tokens"] for r in rows], batch_size=ctx.config.score.batch_size,
-      min_prompt_len=min_prompt, min_completion_len=min_completion)
+  grouped = self_reward.score_groups(
+      ctx.sample_model, for_sampling(ctx, params), [prompt_ids[pid] for pid in order],
+      [[rows[i]["tokens"] for i in members] for members in order.values()],
+      batch_size=ctx.config.score.batch_size, min_prompt_len=min_prompt,
+      min_completion_len=min_completion)
+  back = np.argsort(np.concatenate([np.asarray(m, int) for m in order.values()]), kind="stable")
+  return jax.tree.map(lambda x: x[back], grouped)
 
 
 def grade(ctx: Context, rows: Sequence[dict], examples: dict[Any, dict]) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import tqdm
 
+from selfimprove_jax import scoring
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.checkpoint import trees
 from selfimprove_jax.loop import config as loop_config
@@ -73,14 +74,11 @@ def update_step(ctx: Context, frozen_keys: tuple[str, ...]) -> Callable:
 def pack(ctx: Context, prompt: list[int], completion: list[int]
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One training sequence of ``seq_len``: (tokens_L, input_mask_L, loss_mask_L), the loss on
-  the completion's tokens only."""
-  L = ctx.seq_len
-  ids = (prompt + completion)[:L]
-  tokens = np.full(L, ctx.tokenizer.pad_id, np.int32)
-  input_mask, loss_mask = np.zeros(L, bool), np.zeros(L, bool)
-  tokens[:len(ids)], input_mask[:len(ids)] = ids, True
-  loss_mask[len(prompt):len(ids)] = True
-  return tokens, input_mask, loss_mask
+  the completion's tokens only (cut at ``seq_len``)."""
+  completion = completion[:max(ctx.seq_len - len(prompt), 0)]
+  one = scoring.pack_sequences([prompt[:ctx.seq_len]], [completion], ctx.seq_len,
+                               ctx.tokenizer.pad_id)
+  return one["tokens_BxL"][0], one["input_mask_BxL"][0], one["loss_mask_BxL"][0]
 
 
 def latest_checkpoint(ctx: Context, r: int) -> int | None:

@@ -88,55 +88,80 @@ def score_completions(model: Transformer, params: Any, prompt_ids: Sequence[Sequ
                                   self_certainty=self_certainty)
 
 
-def score_sampled(model: Transformer, params: Any, completions: Any, *, batch_size: int = 8,
-                  chunk_size: int | None = scoring.DEFAULT_CHUNK, entropy: bool = False,
-                  self_certainty: bool = True, progress: bool = False) -> scoring.Scores:
-  """Scores every sample of a ``sampling.Completions`` after its own prompt's ids, reading each
-  prompt once (``scoring.score_forked``: the prompt is prefilled and forked to its N samples, as
-  the sampler did), ``batch_size`` prompts per call.
+def score_groups(model: Transformer, params: Any, prompt_ids: Sequence[Sequence[int]],
+                 completion_ids: Sequence[Sequence[Sequence[int]]], *, batch_size: int = 64,
+                 chunk_size: int | None = scoring.DEFAULT_CHUNK, min_prompt_len: int = 16,
+                 min_completion_len: int = 16, entropy: bool = False, self_certainty: bool = True,
+                 progress: bool = False) -> scoring.Scores:
+  """Scores of several completions per prompt, each prompt read once (``scoring.score_forked``:
+  the prompt is prefilled, then forked to its completions, as the sampler does).
 
-  Rows are flattened prompt-major: prompt i, sample j is row i * N + j. Prompts are padded to one
-  ``scoring.length_bucket`` and completions to a multiple of 16, both over the whole call, so a
-  call compiles one program. Per-token entropy (a pass over the vocabulary per token) is off by
-  default; self-certainty is on. Returns ``scoring.Scores`` of NumPy arrays, per-token fields
-  (S, C) aligned with the completion tokens.
+  Args:
+    prompt_ids: S prompts' ids (each non-empty).
+    completion_ids: per prompt, its completions' ids (any number, the counts may differ: every
+      group is padded to the largest G with empty, unscored completions).
+    batch_size: sequences per call (``batch_size // G`` prompts, at least one).
+    min_prompt_len, min_completion_len: the least padded lengths; prompts are padded to a
+      ``scoring.length_bucket`` and completions to a multiple of 16, both over the whole call, so
+      a call compiles one program and equal minimums across calls share it.
+    entropy, self_certainty: also compute these; per-token entropy (a pass over the vocabulary
+      per token) is off by default.
+  Returns:
+    ``scoring.Scores`` of NumPy arrays, one row per completion in order (prompt 0's first, ...);
+    per-token fields (rows, C) aligned with the completion tokens.
   """
+  if len(prompt_ids) != len(completion_ids):
+    raise ValueError(f"score_groups: {len(prompt_ids)} prompts but {len(completion_ids)} groups "
+                     "of completions")
   if batch_size < 1:
-    raise ValueError(f"score_sampled: batch_size={batch_size!r} must be >= 1")
-  samples = completions.tokens
-  if len(completions.prompt_ids) != len(samples) or not samples:
-    raise ValueError(f"score_sampled: {len(completions.prompt_ids)} prompt_ids for "
-                     f"{len(samples)} prompts' samples (need as many, at least one)")
-  N = len(samples[0])
-  if N == 0 or any(len(per_prompt) != N for per_prompt in samples):
-    raise ValueError(f"score_sampled: every prompt needs the same number of samples, got "
-                     f"{sorted({len(p) for p in samples})}")
+    raise ValueError(f"score_groups: batch_size={batch_size!r} must be >= 1")
   vocab = model.config.vocab_size
-  prompts = _check_ids("completions.prompt_ids", completions.prompt_ids, vocab)
-  flat = _check_ids("completions.tokens", [t for per_prompt in samples for t in per_prompt], vocab)
+  prompts = _check_ids("prompt_ids", prompt_ids, vocab)
   if any(not p for p in prompts):
-    raise ValueError("score_sampled: every prompt needs at least one token")
-  prompt_SxP, prompt_mask_SxP = pad_left(prompts)
-  C = scoring.round_up(max(max(len(t) for t in flat), 1), 16)
-  completion_RxC = np.zeros((len(flat), C), np.int32)
-  for r, ids in enumerate(flat):
-    completion_RxC[r, :len(ids)] = ids
-  lengths_R = np.array([len(t) for t in flat], np.int32)
+    raise ValueError(f"score_groups: prompt_ids[{[bool(p) for p in prompts].index(False)}] is "
+                     "empty; every prompt needs a token to predict the first completion token")
+  groups = [_check_ids(f"completion_ids[{i}]", g, vocab) for i, g in enumerate(completion_ids)]
+  G = max((len(g) for g in groups), default=0)
+  if G == 0:
+    return scoring.empty_scores(min_completion_len, entropy, self_certainty)
+  prompt_SxP, prompt_mask_SxP = pad_left(prompts, min_prompt_len)
+  longest = max(len(c) for g in groups for c in g)
+  C = max(scoring.round_up(max(longest, 1), 16), min_completion_len)
+  completion_SGxC = np.zeros((len(groups) * G, C), np.int32)
+  lengths_SG = np.zeros(len(groups) * G, np.int32)
+  real_SG = np.zeros(len(groups) * G, bool)
+  for i, group in enumerate(groups):
+    for j, ids in enumerate(group):
+      completion_SGxC[i * G + j, :len(ids)] = ids
+      lengths_SG[i * G + j], real_SG[i * G + j] = len(ids), True
 
-  n = len(prompts)
-  padded = scoring.round_up(n, batch_size)  # the last batch repeats prompt 0, then is dropped
+  per_call = max(1, batch_size // G)
+  n = len(groups)
+  padded = scoring.round_up(n, per_call)  # the last call repeats prompt 0, then drops it
   take = np.concatenate([np.arange(n), np.zeros(padded - n, int)])
-  rows = (take[:, None] * N + np.arange(N)).reshape(-1)
+  rows = (take[:, None] * G + np.arange(G)).reshape(-1)
   results = []
-  for start in tqdm(range(0, padded, batch_size), disable=not progress, desc="scoring",
+  for start in tqdm(range(0, padded, per_call), disable=not progress, desc="scoring",
                     unit="batch"):
-    b = take[start:start + batch_size]
-    r = rows[start * N:(start + batch_size) * N]
-    out = scoring.score_forked_jit(model, params, prompt_SxP[b], prompt_mask_SxP[b],
-                                   completion_RxC[r], lengths_R[r], chunk_size=chunk_size,
+    b, r = take[start:start + per_call], rows[start * G:(start + per_call) * G]
+    place = lambda x: scoring.place_rows(model, x)
+    out = scoring.score_forked_jit(model, params, place(prompt_SxP[b]), place(prompt_mask_SxP[b]),
+                                   place(completion_SGxC[r]), lengths_SG[r], chunk_size=chunk_size,
                                    entropy=entropy, self_certainty=self_certainty)
     results.append(multihost.fetch(out))
-  return jax.tree.map(lambda *xs: np.concatenate(xs)[:n * N], *results)
+  scores = jax.tree.map(lambda *xs: np.concatenate(xs)[:n * G], *results)
+  return jax.tree.map(lambda x: x[real_SG], scores)
+
+
+def score_sampled(model: Transformer, params: Any, completions: Any, **kwargs: Any
+                  ) -> scoring.Scores:
+  """``score_groups`` of a ``sampling.Completions`` as the sampler returned it: every sample
+  after its own prompt's ids, the prompt read once. Rows are prompt-major (prompt i, sample j is
+  row i * N + j); ``kwargs`` go to ``score_groups``."""
+  if len(completions.prompt_ids) != len(completions.tokens):
+    raise ValueError(f"score_sampled: {len(completions.prompt_ids)} prompt_ids for "
+                     f"{len(completions.tokens)} prompts' samples")
+  return score_groups(model, params, completions.prompt_ids, completions.tokens, **kwargs)
 
 
 def rewards_from_scores(scores: scoring.Scores, kind: str) -> list[float | None]:
