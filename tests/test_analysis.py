@@ -10,10 +10,11 @@ import math
 import numpy as np
 import pytest
 
+from selfimprove_jax import tables
 from selfimprove_jax.analysis import (amortization_table, balance_by_round,
                                       expected_selected_value, lift_vs_n,
-                                      logprob_histogram_data, plots, report, selector_lifts,
-                                      sharpness)
+                                      logprob_histogram_data, plots, report, round_change,
+                                      selector_lifts, sharpness)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -96,6 +97,33 @@ def test_selector_lifts_default_ks_and_errors():
   for r in rows:
     r["base_self_certainty"] = None
   assert selector_lifts(rows, ks=[1], num_resamples=10)["skipped"] == ["self_certainty"]
+  with pytest.raises(ValueError, match=r"'self_certainty' needs column 'base_self_certainty', "
+                                       r"which is None on every sample row"):
+    selector_lifts(rows, ks=[1], selectors=["logprob", "self_certainty"])
+  assert set(selector_lifts(rows, ks=[1], selectors=["majority"], num_resamples=10)["selectors"]
+             ) == {"majority"}
+  with pytest.raises(ValueError, match=r"unknown \['best'\]"):
+    selector_lifts(rows, ks=[1], selectors=["best"])
+
+
+@pytest.mark.parametrize("column", ["extracted", "base_mean_logprob", "correct"])
+def test_selector_lifts_missing_column_is_named(column):
+  """A table without a column the selectors read is refused, never read as 0 or skipped."""
+  rows = _round0()
+  for r in rows:
+    del r[column]
+  with pytest.raises(tables.SchemaError, match=rf"selector_lifts: row 0 has no column '{column}'"):
+    selector_lifts(rows, ks=[1])
+
+
+def test_round_change_hand_values():
+  change = round_change(_round0(), _round1(), num_resamples=200)
+  assert change["greedy"]["base"] == 0.5 and change["greedy"]["value"] == 1.0
+  assert change["greedy"]["change"] == 0.5 and change["greedy"]["high"] == 1.0
+  np.testing.assert_allclose([change["t1"][k] for k in ("change", "low", "high")], [1 / 3] * 3)
+  assert change["bon_n"]["change"] == 0.0
+  with pytest.raises(ValueError, match="share no prompt_id"):
+    round_change(_round0(), [dict(r, prompt_id="q" + r["prompt_id"]) for r in _round1()])
 
 
 def test_lift_vs_n_hand_values():
@@ -215,6 +243,13 @@ def test_report(tmp_path):
   for heading in ("## Selector lifts", "## Amortization", "## Sharpness", "## B-STaR balance"):
     assert heading in text
   assert "| 1 | 1.000 | 0.833 | +100.0 | +66.7 | -1.50 | +1.33 | +47.1 |" in text
+  # Findings: sentences from the same numbers (both prompts move T=1 by +1/3: a zero-width CI).
+  assert ("- After round 1, T=1 accuracy improved: 0.500 -> 0.833 (+0.333, 95% CI [+0.333, "
+          "+0.333], paired by prompt).") in lines
+  assert ("- After round 1, best-of-N by base log-prob did not change beyond noise: 1.000 -> "
+          "1.000 (+0.000, 95% CI [+0.000, +0.000], paired by prompt).") in lines
+  assert any(line.startswith("- Best-of-3 by logprob: 1.000 [1.000, 1.000], +0.500 vs greedy: it ")
+             for line in lines)
   assert "| 1 | 0.420 | 0.70 | 0.500 |" in text
   figures = [line.split("](")[1].rstrip(")") for line in lines if line.startswith("![")]
   assert sorted(figures) == sorted(f"{kind}_r{r:03d}.png" for r in (0, 1)

@@ -19,14 +19,16 @@ from selfimprove_jax.analysis.estimators import (bon_at_k, bon_at_k_batch, bon_a
 from selfimprove_jax.analysis.heldout import eval_metrics
 from selfimprove_jax.analysis.views import (amortization_table, balance_by_round,
                                             expected_selected_value, lift_vs_n,
-                                            logprob_histogram_data, selector_lifts, sharpness)
+                                            logprob_histogram_data, round_change, selector_lifts,
+                                            sharpness)
 
 _LAZY = {"plot_selector_lifts": "plots", "plot_lift_vs_n": "plots",
          "plot_logprob_histogram": "plots", "write_report": "report"}
 
 __all__ = ["bon_at_k", "bon_at_k_batch", "bon_at_k_ragged", "bootstrap_ci", "greedy_vs_bon_lift",
            "maj_at_k", "pass_at_k", "eval_metrics", "amortization_table", "balance_by_round",
-           "expected_selected_value", "lift_vs_n", "logprob_histogram_data", "selector_lifts",
+           "expected_selected_value", "lift_vs_n", "logprob_histogram_data", "round_change",
+           "selector_lifts",
            "sharpness", *_LAZY]
 
 

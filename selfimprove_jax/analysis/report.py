@@ -105,6 +105,49 @@ def _headline(base_round: int, last_round: int, evals: dict[int, dict]) -> list[
                   _fmt(v - b, digits.get(name, 3), sign=True)) for name, b, v in rows])
 
 
+def _verdict(low: float, high: float, better: str, worse: str, same: str) -> str:
+  """Which way a 95% interval points: above 0, below 0, or straddling it."""
+  if low > 0:
+    return better
+  if high < 0:
+    return worse
+  return same
+
+
+def findings(view: dict, change: dict | None, last_round: int) -> list[str]:
+  """What the numbers say, in sentences: each selector's best-of-N against greedy on the base
+  model (``views.selector_lifts``), and what the last round changed (``views.round_change``);
+  a difference counts only when its 95% interval excludes zero."""
+  k = max(view["ks"])
+  lines = [f"- Base model: greedy {_fmt(view['greedy_acc'])} [{_fmt(view['greedy_low'])}, "
+           f"{_fmt(view['greedy_high'])}] over {view['num_prompts']} prompts; "
+           f"pass@{k} {_fmt(view['selectors']['pass@k'][k]['acc'])} bounds what any selector "
+           f"of {k} samples can reach."]
+  for name, by_k in view["selectors"].items():
+    if name == "pass@k":
+      continue
+    c = by_k[k]
+    difference = c["acc"] - view["greedy_acc"]
+    # The paired difference's interval (when greedy is 0 the difference is the accuracy).
+    low, high = ((c["lift_low"], c["lift_high"]) if view["greedy_acc"] > 0 else (c["low"], c["high"]))
+    verdict = _verdict(low, high, "beats greedy", "is worse than greedy",
+                       "is not distinguishable from greedy at this many prompts")
+    lines.append(f"- Best-of-{k} by {name}: {_fmt(c['acc'])} [{_fmt(c['low'])}, {_fmt(c['high'])}]"
+                 f", {_fmt(difference, 3, True)} vs greedy: it {verdict}.")
+  if view["skipped"]:
+    lines.append(f"- Not computed (no scores): {', '.join(view['skipped'])}.")
+  if change is not None:
+    for name, label in (("greedy", "greedy accuracy"), ("t1", "T=1 accuracy"),
+                        ("bon_n", "best-of-N by base log-prob")):
+      c = change[name]
+      verdict = _verdict(c["low"], c["high"], "improved", "got worse",
+                         "did not change beyond noise")
+      lines.append(f"- After round {last_round}, {label} {verdict}: {_fmt(c['base'])} -> "
+                   f"{_fmt(c['value'])} ({_fmt(c['change'], 3, True)}, 95% CI "
+                   f"[{_fmt(c['low'], 3, True)}, {_fmt(c['high'], 3, True)}], paired by prompt).")
+  return lines
+
+
 def _selector_table(view: dict) -> list[str]:
   rows = []
   for name, by_k in view["selectors"].items():
@@ -168,6 +211,9 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
   for r in sorted({base, last}):
     fig_md, lift_views[r] = _figures(r, tables[r], out, ks)
     md += fig_md
+  md += ["## Findings", "", *findings(lift_views[base],
+                                       views.round_change(tables[base], tables[last])
+                                       if last != base else None, last), ""]
   md += ["## Selector lifts (best-of-k over greedy)", ""]
   for r, view in lift_views.items():
     md += [f"Round {r}: greedy accuracy {_fmt(view['greedy_acc'])} over {view['num_prompts']} "

@@ -128,19 +128,22 @@ def _lift_ci(values_P: np.ndarray, greedy_P: np.ndarray, greedy_acc: float, num_
 
 
 def selector_lifts(eval_rows: Sequence[dict], ks: Sequence[int] | None = None, *,
-                   num_resamples: int = 1000, seed: int = 0, maj_subsets: int = 2000
-                   ) -> dict[str, Any]:
+                   selectors: Sequence[str] | None = None, num_resamples: int = 1000,
+                   seed: int = 0, maj_subsets: int = 2000) -> dict[str, Any]:
   """Best-of-k accuracy per selector and its % lift over greedy (Fig. 1a / Fig. 2 analog).
 
   Selectors: "logprob" (base log-prob), "mean_logprob" (length-normalized), "self_certainty"
   (all under the base model, exact BoN@k), "majority" (maj@k of the extracted answers,
   ``estimators.maj_at_k``; exact up to 10k subsets, else ``maj_subsets`` random ones), and the
-  "pass@k" coverage skyline. A score selector whose column is missing from every sample row is
-  left out and named in "skipped".
+  "pass@k" coverage skyline. Every column of ``COLUMNS`` must be present (a ``SchemaError``
+  names the row and the column otherwise); a score column that is None on every sample row (not
+  computed) leaves its selector out, named in "skipped", unless ``selectors`` asks for it, which
+  is then an error.
 
   Args:
     eval_rows: an eval table (one greedy row, N >= max(ks) sample rows per prompt).
     ks: subset sizes; default 1, 2, 4, ... and N.
+    selectors: the selectors to compute, from ``SELECTORS``; default all that have scores.
     num_resamples, seed: bootstrap over prompts.
     maj_subsets: Monte Carlo subsets per prompt when maj@k cannot be enumerated.
   Returns:
@@ -154,21 +157,33 @@ def selector_lifts(eval_rows: Sequence[dict], ks: Sequence[int] | None = None, *
   greedy_P = np.array([float(bool(g["correct"])) for _, g, _ in prompts])
   greedy_acc, g_low, g_high = estimators.bootstrap_ci(greedy_P, num_resamples=num_resamples,
                                                       seed=seed)
+  wanted = SELECTORS if selectors is None else tuple(selectors)
+  unknown = [name for name in wanted if name not in SELECTORS]
+  if unknown:
+    raise ValueError(f"selector_lifts: selectors={list(wanted)} has unknown {unknown}; known: "
+                     f"{list(SELECTORS)}")
   correct = [np.array([float(bool(r["correct"])) for r in s]) for _, _, s in prompts]
   per_k: dict[str, dict[int, np.ndarray]] = {}
   skipped = []
   for name, field in SCORE_SELECTORS.items():
+    if name not in wanted:
+      continue
     scores = [np.array([_value(r, field) for r in s]) for _, _, s in prompts]
     if all(np.isnan(s).all() for s in scores):
+      if selectors is not None:
+        raise ValueError(f"selector_lifts: selector {name!r} needs column {field!r}, which is "
+                         "None on every sample row (not scored)")
       skipped.append(name)
       continue
     per_k[name] = {k: _per_prompt_bon(scores, correct, k) for k in ks}
-  answers = [[r.get("extracted") for r in s] for _, _, s in prompts]
-  per_k["majority"] = {k: np.array([
-      estimators.maj_at_k(a, c, k, num_subsets=maj_subsets, rng=p)
-      for p, (a, c) in enumerate(zip(answers, correct))]) for k in ks}
-  c_P = np.array([int(c.sum()) for c in correct])
-  per_k["pass@k"] = {k: estimators.pass_at_k(n_P, c_P, k) for k in ks}
+  if "majority" in wanted:
+    answers = [[r["extracted"] for r in s] for _, _, s in prompts]
+    per_k["majority"] = {k: np.array([
+        estimators.maj_at_k(a, c, k, num_subsets=maj_subsets, rng=p)
+        for p, (a, c) in enumerate(zip(answers, correct))]) for k in ks}
+  if "pass@k" in wanted:
+    c_P = np.array([int(c.sum()) for c in correct])
+    per_k["pass@k"] = {k: estimators.pass_at_k(n_P, c_P, k) for k in ks}
   return {
       "num_prompts": len(prompts), "num_samples": int(n_P.min()), "ks": ks,
       "greedy_acc": greedy_acc, "greedy_low": g_low, "greedy_high": g_high, "skipped": skipped,
@@ -283,6 +298,41 @@ def amortization_table(runs: Mapping[str, Mapping[int, Sequence[dict]]]
           "base_loglik_t1": ll0, "loglik_t1": ll, "loglik_lift": ll - ll0,
           "loglik_lift_pct": 100.0 * (ll - ll0) / abs(ll0) if ll0 != 0 else math.nan})
   return rows
+
+
+def round_change(base_rows: Sequence[dict], rows: Sequence[dict], *, num_resamples: int = 1000,
+                 seed: int = 0) -> dict[str, dict[str, float]]:
+  """How a round's model differs from the base on the same held-out prompts, paired by prompt.
+
+  Returns:
+    {"greedy", "t1", "bon_n"} -> {"base", "value", "change", "low", "high"}: accuracies (greedy,
+    T=1, best-of-N by base log-prob with N the fewest samples per prompt in either table), their
+    difference and its 95% bootstrap CI over the prompts both tables hold.
+  """
+  before = {pid: (g, s) for pid, g, s in _by_prompt(base_rows, "round_change")}
+  after = {pid: (g, s) for pid, g, s in _by_prompt(rows, "round_change")}
+  common = [pid for pid in before if pid in after]
+  if not common:
+    raise ValueError("round_change: the two eval tables share no prompt_id")
+  n = min(len(t[1]) for t in (*before.values(), *after.values()))
+
+  def per_prompt(table):
+    greedy = np.array([float(bool(table[p][0]["correct"])) for p in common])
+    t1 = np.array([np.mean([bool(r["correct"]) for r in table[p][1]]) for p in common])
+    bon = _per_prompt_bon([np.array([_value(r, "base_logprob") for r in table[p][1]])
+                           for p in common],
+                          [np.array([float(bool(r["correct"])) for r in table[p][1]])
+                           for p in common], n)
+    return {"greedy": greedy, "t1": t1, "bon_n": bon}
+
+  b, a = per_prompt(before), per_prompt(after)
+  out = {}
+  for name in ("greedy", "t1", "bon_n"):
+    change, low, high = estimators.bootstrap_ci(a[name] - b[name], num_resamples=num_resamples,
+                                                seed=seed)
+    out[name] = {"base": float(b[name].mean()), "value": float(a[name].mean()),
+                 "change": change, "low": low, "high": high}
+  return out
 
 
 def sharpness(eval_rows: Sequence[dict]) -> dict[str, Any]:
