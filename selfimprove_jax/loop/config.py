@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from selfimprove_jax.checkpoint import fetch
 from selfimprove_jax.families import FAMILIES
 from selfimprove_jax.loop import rewards, selectors
 from selfimprove_jax.training import remat as remat_lib
@@ -54,7 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       source="synthetic",  # one of MODEL_SOURCES
       preset="",  # source=preset: a name for models.get_preset (random weights)
-      checkpoint="",  # source=hf | native: a directory, local or gs://
+      # source=hf | native: a directory, local or gs://, or "fetch:NAME" for a real model of
+      # checkpoint.fetch.MODELS (fetched and converted once into its cache).
+      checkpoint="",
       tokenizer="",  # source=preset: a tokenizer file or directory
       # Compute dtype: float32 | bfloat16. Full fine-tuning keeps float32 master weights and
       # optimizer moments whatever it is; a frozen LoRA base and the sampling / scoring copies of a
@@ -177,6 +180,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.model.source in ("hf", "native"):
     _check("model.checkpoint", c.model.checkpoint, bool(c.model.checkpoint),
            f"model.source={c.model.source!r} needs a checkpoint directory")
+    if c.model.checkpoint.startswith(fetch.FETCH_PREFIX):
+      name = c.model.checkpoint[len(fetch.FETCH_PREFIX):]
+      _check("model.checkpoint", c.model.checkpoint, name in fetch.MODELS,
+             f"fetch: names one of {sorted(fetch.MODELS)}")
   if c.model.source == "preset":
     _check("model.preset", c.model.preset, bool(c.model.preset), "model.source='preset' needs one")
     _check("model.tokenizer", c.model.tokenizer, bool(c.model.tokenizer),

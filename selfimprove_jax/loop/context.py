@@ -181,6 +181,8 @@ def _load_task(config: ml_collections.ConfigDict) -> tuple[Task, list[dict], lis
                                    num_operands=s.num_operands)
     # The pretraining stream uses seed = config.seed; prompts come from a disjoint stream.
     examples = task.load(need, seed=config.seed + 1_000_003, config=add)
+  elif c.name == "arithmetic":  # generated: seeded by the run's seed
+    examples = task.load(need, seed=config.seed + 1_000_003)
   else:
     kwargs = {}
     if c.name == "gsm8k":
@@ -214,10 +216,11 @@ def _load_model(config: ml_collections.ConfigDict, mesh: Mesh, master: bool):
   elif c.source in ("hf", "native"):
     from selfimprove_jax import checkpoint  # pylint: disable=g-import-not-at-top
     load = checkpoint.load_hf if c.source == "hf" else checkpoint.load_native
-    model_config, params, tokenizer, template = load(c.checkpoint, mesh=mesh,
-                                                     rules=sh.TRAIN_RULES, dtype=param_dtype)
+    path = checkpoint.resolve(c.checkpoint)
+    model_config, params, tokenizer, template = load(path, mesh=mesh, rules=sh.TRAIN_RULES,
+                                                     dtype=param_dtype)
     model_config = model_config.replace(dtype=c.dtype, param_dtype=param_dtype)
-    chat = _chat_format(config, tokenizer, template, c.checkpoint)
+    chat = _chat_format(config, tokenizer, template, path)
   else:
     from selfimprove_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     model_config = get_preset(c.preset).replace(dtype=c.dtype, param_dtype=param_dtype)
