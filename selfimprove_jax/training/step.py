@@ -76,9 +76,12 @@ def make_update_step(model: Transformer, loss_fn: Callable, optimizer: optax.Gra
     optimizer: ``state.make_optimizer(...)``, which made ``state.opt_state``.
     schedule: the learning rate (constant or schedule of the step count) used when a call passes
       none; evaluated on the host, never compiled in. None: every call passes ``learning_rate``.
-    state_shardings: ``state.state_shardings(...)`` for the state; required with a mesh.
+    state_shardings: the state's placement, ``training.state_shardings(config, optimizer,
+      mesh, rules, lora_config=..., frozen_keys=...)`` with the same LoRA config and the keys of
+      ``state.frozen`` (("base",) under LoRA, plus "reference" when kept); required with a mesh.
     num_microbatches: gradient accumulation factor; must divide the batch size.
-    lora_config: when set, ``state.params`` are adapters over ``state.frozen["base"]``.
+    lora_config: when set, ``state.params`` are adapters over ``state.frozen["base"]`` (what
+      ``create_train_state(..., params=base, lora_config=...)`` builds); only they are trained.
     compute_dtype: cast floating params to this dtype for the forward (e.g. "bfloat16": with the
       model's ``dtype`` set alike, the forward and FSDP all-gathers run in bfloat16 while the
       gradient and update stay float32). None keeps the stored dtype.
