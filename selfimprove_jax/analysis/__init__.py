@@ -4,8 +4,10 @@ Modules:
   estimators  pass@k, exact best-of-k under a selector, maj@k, percentile bootstrap CIs over
               prompts, greedy-vs-BoN lift. Pure NumPy.
   heldout     ``eval_metrics``: the held-out numbers of one eval table (each round's eval.json).
-  views       the paper's figures and tables as numbers from eval tables: per-selector lifts,
-              lift vs N, log-prob histograms, amortization, sharpness, B-STaR balance. Pure NumPy.
+  views       the paper's figures and tables as numbers from one eval table: per-selector lifts,
+              lift vs N, log-prob histograms, sharpness. Pure NumPy.
+  rounds      rounds against the base: amortization (and its N ablation), paired changes with
+              bootstrap CIs, B-STaR balance per round. Pure NumPy.
   plots       PNGs of the views (matplotlib Agg canvas, no windows).
   report      ``python -m selfimprove_jax.analysis.report WORKDIR``: report.md plus figures.
 
@@ -17,10 +19,9 @@ from selfimprove_jax.analysis.estimators import (bon_at_k, bon_at_k_batch, bon_a
                                                  bootstrap_ci, greedy_vs_bon_lift, maj_at_k,
                                                  pass_at_k)
 from selfimprove_jax.analysis.heldout import eval_metrics
-from selfimprove_jax.analysis.views import (amortization_table, balance_by_round,
-                                            expected_selected_value, lift_vs_n,
-                                            logprob_histogram_data, round_change, selector_lifts,
-                                            sharpness)
+from selfimprove_jax.analysis.rounds import amortization_table, balance_by_round, round_change
+from selfimprove_jax.analysis.views import (expected_selected_value, lift_vs_n,
+                                            logprob_histogram_data, selector_lifts, sharpness)
 
 _LAZY = {"plot_selector_lifts": "plots", "plot_lift_vs_n": "plots",
          "plot_logprob_histogram": "plots", "write_report": "report"}

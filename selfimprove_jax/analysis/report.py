@@ -22,7 +22,7 @@ from absl import flags
 from etils import epath
 
 from selfimprove_jax import cli
-from selfimprove_jax.analysis import plots, views
+from selfimprove_jax.analysis import plots, rounds, views
 from selfimprove_jax.tables import atomic_write, read_table
 
 ROUND_DIR = re.compile(r"round_(\d+)$")
@@ -116,7 +116,7 @@ def _verdict(low: float, high: float, better: str, worse: str, same: str) -> str
 
 def findings(view: dict, change: dict | None, last_round: int) -> list[str]:
   """What the numbers say, in sentences: each selector's best-of-N against greedy on the base
-  model (``views.selector_lifts``), and what the last round changed (``views.round_change``);
+  model (``views.selector_lifts``), and what the last round changed (``rounds.round_change``);
   a difference counts only when its 95% interval excludes zero."""
   k = max(view["ks"])
   lines = [f"- Base model: greedy {_fmt(view['greedy_acc'])} [{_fmt(view['greedy_low'])}, "
@@ -212,7 +212,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     fig_md, lift_views[r] = _figures(r, tables[r], out, ks)
     md += fig_md
   md += ["## Findings", "", *findings(lift_views[base],
-                                       views.round_change(tables[base], tables[last])
+                                       rounds.round_change(tables[base], tables[last])
                                        if last != base else None, last), ""]
   md += ["## Selector lifts (best-of-k over greedy)", ""]
   for r, view in lift_views.items():
@@ -221,7 +221,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
            + (f"; skipped (no scores): {', '.join(view['skipped'])}" if view["skipped"] else "")
            + ".", "", *_selector_table(view), ""]
   if 0 in tables and len(tables) > 1:
-    amort = views.amortization_table({r: tables[r] for r in sorted(tables)})
+    amort = rounds.amortization_table({r: tables[r] for r in sorted(tables)})
     md += ["## Amortization (each round vs the base model)", "",
            *_table(["round", "greedy acc", "T=1 acc", "greedy lift %", "T=1 lift %",
                     "base log-lik (T=1)", "log-lik lift", "log-lik lift %"],
@@ -245,7 +245,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
          "token: -Σ log π / Σ length over the T=1 samples (nats); C_cov estimated by "
          "mean_x 1/max_j π_base(y_j|x), an upper bound; G-V gap: BoN@N by base log-prob minus "
          "T=1 accuracy, relative to 1 - T=1 accuracy.", ""]
-  balance = views.balance_by_round(metrics)
+  balance = rounds.balance_by_round(metrics)
   if balance:
     md += ["## B-STaR balance", "",
            *_table(["round", "balance score", "temperature", "threshold"],
