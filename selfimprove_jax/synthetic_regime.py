@@ -64,14 +64,17 @@ def demonstration_batch(tokenizer: synthetic.CharTokenizer, examples: list[dict]
   return {"tokens_BxL": tokens, "input_mask_BxL": input_mask, "loss_mask_BxL": loss_mask}
 
 
-def pretrain(task: synthetic.AdditionConfig, *, model_config: TransformerConfig = MODEL,
+def pretrain(task: synthetic.AdditionConfig | Sequence[synthetic.AdditionConfig], *,
+             model_config: TransformerConfig = MODEL,
              steps: int = 400, batch_size: int = 128, learning_rate: float = 2e-3,
              warmup_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> tuple[Any, list[float]]:
   """SFT from scratch on a fresh stream of (possibly corrupted) demonstrations.
 
   Warm-up then cosine decay over the whole budget (a constant rate stalls, per DEMO_TASK.md).
-  Returns (params, per-step losses).
+  Several ``task`` configs (each with its own ``marker``) are mixed in equal shares
+  (``synthetic.make_mixture``). Returns (params, per-step losses).
   """
+  tasks = [task] if isinstance(task, synthetic.AdditionConfig) else list(task)
   tokenizer = synthetic.CharTokenizer()
   schedule = make_schedule("cosine", learning_rate, total_steps=steps,
                            warmup_steps=int(warmup_fraction * steps))
@@ -82,7 +85,7 @@ def pretrain(task: synthetic.AdditionConfig, *, model_config: TransformerConfig 
   losses = []
   bar = tqdm.trange(steps, desc="pretrain", disable=not progress)
   for step in bar:
-    examples = synthetic.make_examples(task, batch_size, seed=seed, start=step * batch_size)
+    examples = synthetic.make_mixture(tasks, batch_size, seed=seed, start=step * batch_size)
     state, metrics = run_step(step_fn, state, demonstration_batch(tokenizer, examples))
     losses.append(metrics["loss"])
     bar.set_postfix(loss=f"{metrics['loss']:.3f}")

@@ -12,6 +12,7 @@ from selfimprove_jax.data.synthetic import extract_answer
 from selfimprove_jax.data.synthetic import grade
 from selfimprove_jax.data.synthetic import make_example
 from selfimprove_jax.data.synthetic import make_examples
+from selfimprove_jax.data.synthetic import make_mixture
 
 
 def test_worked_example_format():
@@ -97,6 +98,42 @@ def test_drop_carry_is_the_same_mistake_every_time():
     assert check.answer_consistent
 
 
+def test_carry_fork_forks_where_drop_carry_does_then_scatters():
+  fork_cfg = AdditionConfig(corruption_rate=1.0, corruption="carry_fork")
+  drop = make_examples(dataclasses.replace(fork_cfg, corruption="drop_carry"), 2000, seed=4)
+  fork = make_examples(fork_cfg, 2000, seed=4)
+  written = []
+  for d, f in zip(drop, fork):
+    assert f["operands"] == d["operands"] and f["corrupted_step"] == d["corrupted_step"]
+    if not f["corrupted"]:  # no carry anywhere: nothing to fork
+      assert f["target"] == d["target"] and grade(f["target"], f["answer"]).correct
+      continue
+    j = f["corrupted_step"]
+    step = f["target"].split()[j]
+    assert step.split("=")[0].endswith("+0")  # the fork token: the carry dropped, as drop_carry
+    ops = f["operands"]
+    true_total = sum(x // 10 ** j % 10 for x in ops) + 1
+    written.append(int(step.split("=")[1]))
+    assert written[-1] != true_total and not grade(f["target"], f["answer"]).correct
+    check = check_trace(f["question"], f["target"])
+    assert check.bad_steps == (j,) and check.answer_consistent  # later steps follow from it
+  assert len(written) > 1000 and len(set(written)) == 20  # 0..19: each wrong sum is rare
+
+
+def test_marker_opens_the_question_and_mixtures_alternate():
+  configs = [AdditionConfig(marker="a"), AdditionConfig(marker="b", corruption_rate=1.0,
+                                                        corruption="carry_fork")]
+  mix = make_mixture(configs, 6, seed=0, start=2)
+  assert [e["question"][0] for e in mix] == list("ababab")
+  assert mix[1] == make_example(configs[1], 0, 3) and len({e["id"] for e in mix}) == 6
+  tok = CharTokenizer()
+  for e in mix:
+    assert tok.decode(tok.encode(e["question"]), skip_special=True) == e["question"]
+    assert check_trace(e["question"], e["target"]).well_formed
+  with pytest.raises(ValueError, match="configs is empty"):
+    make_mixture([], 1, seed=0)
+
+
 @pytest.mark.parametrize("completion,gold,expected", [
     (" 7+9+0=16 5+8+1=14 4+3+1=08 0+1+0=01 >01846", "1846", True),
     (">01846<eos>", "1846", True),
@@ -134,7 +171,7 @@ def test_check_trace_flags_inconsistent_answer_and_misread_digit():
 
 def test_tokenizer_round_trip_and_specials():
   tok = CharTokenizer()
-  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 17)
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 25)
   for e in make_examples(AdditionConfig(corruption_rate=0.5, num_operands=3), 50, seed=0):
     text = e["question"] + e["target"]
     ids = tok.encode(text)
@@ -161,6 +198,8 @@ def test_encode_demonstration_ends_with_eos():
     ({"corruption_rate": 1.5}, "1.5"),
     ({"corruption": "flip"}, "'flip'"),
     ({"max_delta": 0}, "0"),
+    ({"marker": "z"}, "'z'"),
+    ({"marker": "ab"}, "'ab'"),
 ])
 def test_config_validation_names_the_value(kwargs, match):
   with pytest.raises(ValueError, match=match):

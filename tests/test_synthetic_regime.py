@@ -30,3 +30,20 @@ def test_pretrain_then_measure_runs_end_to_end():
   assert stats.num_prompts == 2 and stats.num_samples == 2
   assert 0 <= stats.greedy_accuracy <= 1 and 0 <= stats.t1_accuracy <= 1
   assert stats.t1_logprob_wrong < 0  # an untrained model gets (nearly) everything wrong
+
+
+def test_pretrain_mixes_regimes_in_equal_shares(monkeypatch):
+  regimes = list(synthetic.parse_regimes("random:0.4,carry_fork:0.6,drop_carry:0.6").values())
+  assert [r.marker for r in regimes] == ["a", "b", "c"]
+  seen = []
+  real = synthetic.make_mixture
+  monkeypatch.setattr(synthetic, "make_mixture", lambda *a, **k: _record(seen, real(*a, **k)))
+  small = sr.MODEL.replace(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                           mlp_dim=64)
+  sr.pretrain(regimes, model_config=small, steps=2, batch_size=6, progress=False)
+  assert [e["question"][0] for e in seen] == list("abc") * 4
+
+
+def _record(seen, examples):
+  seen.extend(examples)
+  return examples

@@ -18,6 +18,15 @@ examples, each decided by the example's own random stream:
   "drop_carry": the first step that receives a non-zero carry writes carry 0 instead (the same
                 mistake every time: the negative control whose wrong trace becomes the mode).
                 Problems without any carry stay correct, so the realised rate is lower.
+  "carry_fork": the same wrong carry at the same step, but that step then writes a uniformly
+                drawn wrong column sum (any value a column can take but the true one: 19 for
+                two operands) and the later steps follow from it. The fork token is drop_carry's,
+                but the wrong branch scatters over many rare traces, so at rate q > 1/2 greedy
+                takes the wrong carry while the correct trace stays the sequence-level mode
+                (mass ~1 - q against ~q / 19): the regime where best-of-N beats greedy.
+
+A regime ``marker`` (one letter of ``MARKERS``) opens the question, so one model pretrained on a
+mixture of regimes (``make_mixture``) keeps each regime's behaviour apart.
 
 Example ``i`` of seed ``s`` depends only on (s, i, config), never on how many are generated.
 """
@@ -34,9 +43,10 @@ from selfimprove_jax.data.records import Example
 from selfimprove_jax.tokenizer.base import Tokenizer
 from selfimprove_jax.verifiers.base import Verdict
 
-CORRUPTIONS = ("random", "drop_carry")
+CORRUPTIONS = ("random", "drop_carry", "carry_fork")
 SPECIAL_PIECES = ("<pad>", "<bos>", "<eos>")
-CHARS = "0123456789+= >"
+MARKERS = "abcdefgh"  # regime markers: the first character of a question when set
+CHARS = "0123456789+= >" + MARKERS
 
 _STEP = re.compile(r"(\d(?:\+\d)+)=(\d\d)")
 
@@ -52,6 +62,7 @@ class AdditionConfig:
     corruption_rate: fraction of examples whose trace is corrupted, in [0, 1].
     corruption: one of ``CORRUPTIONS``.
     max_delta: largest error of a "random" corrupted column sum.
+    marker: "" or one letter of ``MARKERS``, put before the question (regime mixtures).
   """
   min_digits: int = 3
   max_digits: int = 4
@@ -59,6 +70,7 @@ class AdditionConfig:
   corruption_rate: float = 0.0
   corruption: str = "random"
   max_delta: int = 2
+  marker: str = ""
 
   def __post_init__(self):
     if not 1 <= self.min_digits <= self.max_digits:
@@ -72,6 +84,8 @@ class AdditionConfig:
       raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
     if self.max_delta < 1:
       raise ValueError(f"max_delta must be >= 1, got {self.max_delta}")
+    if self.marker and (len(self.marker) != 1 or self.marker not in MARKERS):
+      raise ValueError(f"marker must be '' or one letter of {MARKERS!r}, got {self.marker!r}")
 
 
 def make_example(config: AdditionConfig, seed: int, index: int) -> Example:
@@ -92,7 +106,7 @@ def make_example(config: AdditionConfig, seed: int, index: int) -> Example:
   target, step = _render(operands, config, rng if corrupt else None)
   width = config.max_digits
   return {"id": f"add/{seed}/{index}",
-          "question": "+".join(f"{x:0{width}d}" for x in operands) + "=",
+          "question": config.marker + "+".join(f"{x:0{width}d}" for x in operands) + "=",
           "answer": str(sum(operands)), "target": target, "operands": tuple(operands),
           "corrupted": step >= 0, "corrupted_step": step}
 
@@ -102,6 +116,45 @@ def make_examples(config: AdditionConfig, n: int, *, seed: int, start: int = 0) 
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}")
   return [make_example(config, seed, i) for i in range(start, start + n)]
+
+
+def make_mixture(configs: Sequence[AdditionConfig], n: int, *, seed: int,
+                 start: int = 0) -> list[Example]:
+  """Examples ``start .. start + n - 1`` of a mixture in equal shares: example ``i`` is example
+  ``i`` of ``configs[i % len(configs)]`` (give each config its own ``marker``)."""
+  if not configs:
+    raise ValueError("make_mixture: configs is empty")
+  if n < 0:
+    raise ValueError(f"n must be >= 0, got {n}")
+  return [make_example(configs[i % len(configs)], seed, i) for i in range(start, start + n)]
+
+
+def parse_regimes(spec: str, base: AdditionConfig = AdditionConfig()) -> dict[str, AdditionConfig]:
+  """``"random:0.4,carry_fork:0.6,drop_carry:0.6"`` -> {corruption: ``base`` with that corruption,
+  rate and the marker ``MARKERS[i]`` of its position}: the regimes of one mixed pretraining.
+
+  Raises:
+    ValueError: a malformed entry, an unknown or repeated corruption, a rate outside [0, 1], or
+      more regimes than markers; the message quotes the entry.
+  """
+  regimes: dict[str, AdditionConfig] = {}
+  entries = [e.strip() for e in spec.split(",") if e.strip()]
+  if not entries or len(entries) > len(MARKERS):
+    raise ValueError(f"regimes {spec!r}: need 1 to {len(MARKERS)} entries 'corruption:rate'")
+  for i, entry in enumerate(entries):
+    name, sep, rate = entry.partition(":")
+    try:
+      value = float(rate)
+    except ValueError:
+      value = None
+    if not sep or value is None or name in regimes:
+      raise ValueError(f"regimes {spec!r}: entry {entry!r} is not a new 'corruption:rate'")
+    try:
+      regimes[name] = dataclasses.replace(base, corruption=name, corruption_rate=value,
+                                          marker=MARKERS[i])
+    except ValueError as e:
+      raise ValueError(f"regimes {spec!r}: entry {entry!r}: {e}") from None
+  return regimes
 
 
 def _render(operands: Sequence[int], config: AdditionConfig,
@@ -115,9 +168,14 @@ def _render(operands: Sequence[int], config: AdditionConfig,
   steps, units, carry = [], [], 0
   for j, digits in enumerate(columns):
     carry_in = carry
-    if rng is not None and config.corruption == "drop_carry" and bad_step < 0 and carry > 0:
+    fork = (rng is not None and config.corruption in ("drop_carry", "carry_fork")
+            and bad_step < 0 and carry > 0)
+    if fork:
       bad_step, carry_in = j, 0
     total = sum(digits) + carry_in
+    if fork and config.corruption == "carry_fork":
+      true_total = sum(digits) + carry
+      total = int(rng.choice([v for v in range(9 * len(digits) + 2) if v != true_total]))
     if j == bad_step and config.corruption == "random":
       deltas = [d for d in range(-config.max_delta, config.max_delta + 1)
                 if d != 0 and 0 <= total + d <= 99]
@@ -171,7 +229,7 @@ def check_trace(question: str, completion: str) -> TraceCheck:
 
   Special pieces (``<eos>``, ``<pad>``, ``<bos>``) in the completion are ignored.
   """
-  m = re.fullmatch(r"(\d+(?:\+\d+)+)=", question.strip())
+  m = re.fullmatch(rf"[{MARKERS}]?(\d+(?:\+\d+)+)=", question.strip())
   if m is None:
     return TraceCheck(False, (), False, (f"question {question!r} is not 'a+b+...='",))
   texts = m.group(1).split("+")
