@@ -7,6 +7,7 @@
 A loop config (one with a ``loop`` section) runs ``loop.Loop``: rerunning the same command resumes
 where the previous run stopped. ``--stop_after`` ends after the next pending stage of that name
 (sample, score, select, train, eval), for partial reruns and research scripts that take over.
+A config with ``study.arms`` runs each arm in WORKDIR/ARM (``loop.run_study``), then one report.
 
 Several processes (a TPU pod slice, GPU hosts) run the same command each; ``--distributed=on`` makes
 them find each other (on Cloud TPU VMs, Slurm and Open MPI with no other flag), or name process 0's
@@ -105,7 +106,8 @@ def main(argv):
   if "loop" in config:
     if not _WORKDIR.value:
       raise app.UsageError("--workdir is required for a loop config")
-    loop.run(config, _WORKDIR.value, stop_after=_STOP_AFTER.value, started=_STARTED)
+    run = loop.run_study if config.study.arms else loop.run
+    run(config, _WORKDIR.value, stop_after=_STOP_AFTER.value, started=_STARTED)
     return
   summary = smoke(config)
   if summary["agreement"] < 1.0:

@@ -25,7 +25,7 @@ from tests.loop_helpers import fresh_workdir, method_config
 
 from tests.loop_helpers import REPO
 METHODS = ("sft_sharpening", "rlhf_sharpening", "xpo_sharpening", "star", "rest_em", "rft",
-           "b_star", "self_rewarding", "intuitor", "ttrl", "grpo", "demo")
+           "b_star", "self_rewarding", "intuitor", "ttrl", "grpo")  # demo: a study (test_study.py)
 EVAL_KEYS = {"greedy_acc", "t1_acc", "mean_base_logprob_t1", "bon_logprob.1", "bon_logprob.4",
              "pass.1", "pass.4", "maj.4", "bon_mean_logprob.4", "bon_self_certainty.4"}
 

@@ -9,14 +9,14 @@ import pytest
 from selfimprove_jax import loop, select, tables
 from selfimprove_jax.analysis import report, views
 from selfimprove_jax.loop import config as loop_config
-from selfimprove_jax.loop import rewards, selectors
+from selfimprove_jax.loop import context, rewards, selectors
 from tests.loop_helpers import REPO, fresh_workdir, method_config
 
 PACKAGE = REPO / "selfimprove_jax"
 # Bottom to top: a module may import only modules of a lower layer.
 LAYERS = (("registry",), ("rewards", "selectors"), ("config",), ("workdir",), ("context",),
           ("policies",), ("rollouts",), ("stages", "updates"), ("offline", "online"),
-          ("driver",))
+          ("driver",), ("study",))
 
 
 def _loop_imports(path: pathlib.Path) -> set[str]:
@@ -62,6 +62,25 @@ def test_config_takes_its_names_from_the_registries():
     selectors.register("top1")(lambda x: None)
   with pytest.raises(ValueError, match=r"config.task.num_eval=0: must be >= 1"):
     loop_config.validate(method_config("sft_sharpening", **{"task.num_eval": 0}))
+
+
+def test_a_regime_mixture_marks_its_prompts_and_bad_mixtures_are_named(tmp_path, smoke_base):
+  mixture = {"model.synthetic.regimes": "random:0.4,carry_fork:0.6,drop_carry:0.6"}
+  config = method_config("sft_sharpening", **mixture, **{"task.regime": "carry_fork"})
+  ctx = context.build(config, fresh_workdir(tmp_path, smoke_base), progress_bars=False)
+  assert {e["question"][0] for e in ctx.eval_examples + ctx.train_examples} == {"b"}
+  for overrides, match in [
+      ({**mixture, "task.regime": "flip"}, r"config.task.regime='flip': "
+                                                      r"names the regime .* \('random', "),
+      ({**mixture}, r"config.task.regime='': names the regime"),
+      ({"model.synthetic.regimes": "random:0.4,random:0.5", "task.regime": "random"},
+       r"config.model.synthetic.regimes='random:0.4,random:0.5': .*entry 'random:0.5'"),
+      ({"model.synthetic.regimes": "carry_fork:1.5", "task.regime": "carry_fork"},
+       r"entry 'carry_fork:1.5': corruption_rate must be in \[0, 1\], got 1.5"),
+      ({"task.regime": "random"}, r"config.task.regime='random': needs "),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      loop_config.validate(method_config("sft_sharpening", **overrides))
 
 
 @pytest.fixture

@@ -162,3 +162,33 @@ def plot_logprob_histogram(view: dict[str, Any], path: str | os.PathLike,
   ax.set_title("Base log-prob of T=1 samples by correctness")
   ax.grid(alpha=0.3)
   return _save(fig, path)
+
+
+TRAJECTORY_PANELS = (("greedy_acc", "greedy accuracy"), ("t1_acc", "T=1 accuracy"),
+                     ("mean_base_logprob_t1", "mean base log-prob of T=1 samples (nats)"))
+
+
+def plot_trajectories(runs: dict[str, dict[int, dict]], path: str | os.PathLike) -> epath.Path:
+  """Per-round curves of several runs side by side: greedy accuracy, T=1 accuracy and the mean
+  base log-prob of T=1 samples, one line per run (a study's arms).
+
+  Args:
+    runs: run name -> {round -> that round's ``eval.json`` dict}.
+    path: the PNG to write.
+  """
+  if not runs:
+    raise ValueError("plot_trajectories: no runs")
+  fig = _figure((4.0 * len(TRAJECTORY_PANELS), 3.6))
+  axes = fig.subplots(1, len(TRAJECTORY_PANELS))
+  for ax, (key, label) in zip(axes, TRAJECTORY_PANELS):
+    for name, evals in runs.items():
+      rounds = sorted(evals)
+      ax.plot(rounds, [evals[r].get(key, math.nan) for r in rounds], marker="o", label=name)
+    ax.set_xlabel("round (0 = base model)")
+    ax.set_title(label, fontsize="medium")
+    ax.set_xticks(sorted({r for evals in runs.values() for r in evals}))
+    if key != "mean_base_logprob_t1":
+      ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize="small")
+  return _save(fig, path)

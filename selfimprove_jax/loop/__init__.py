@@ -16,11 +16,14 @@ round; rerunning the same command after a crash resumes. The modules, bottom to 
   offline    epochs over the round's selection (SFT, DPO, sharpening, XPO)
   online     RL steps: sample a group per prompt, reward, update (GRPO family)
   driver     Loop: what is pending, running it, summary.json and the report
+  study      several arms of one config side by side, one shared base, one report
 
 The samples table's columns are declared in ``selfimprove_jax.tables``.
 """
 from selfimprove_jax.loop.driver import OFFLINE_STAGES, ONLINE_STAGES, Loop, run
+from selfimprove_jax.loop.study import run_study
 from selfimprove_jax.loop.workdir import WorkdirError
 from selfimprove_jax.tables import read_table
 
-__all__ = ["Loop", "OFFLINE_STAGES", "ONLINE_STAGES", "WorkdirError", "read_table", "run"]
+__all__ = ["Loop", "OFFLINE_STAGES", "ONLINE_STAGES", "WorkdirError", "read_table", "run",
+           "run_study"]

@@ -27,6 +27,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from selfimprove_jax.checkpoint import fetch
+from selfimprove_jax.data import synthetic
 from selfimprove_jax.families import FAMILIES
 from selfimprove_jax.loop import rewards, selectors
 from selfimprove_jax.training import remat as remat_lib
@@ -68,7 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
           embed_dim=128, num_layers=4, num_heads=4, head_dim=32, mlp_dim=512,
           pretrain_steps=400, pretrain_batch_size=128, pretrain_learning_rate=2e-3,
           corruption_rate=0.4, corruption="random", min_digits=3, max_digits=4,
-          num_operands=2)),
+          num_operands=2,
+          # A mixture instead of corruption / corruption_rate: "random:0.4,carry_fork:0.6,..."
+          # (data.synthetic.parse_regimes), each regime marked by a letter before its questions;
+          # the run's prompts are those of task.regime, one of the mixture's names.
+          regimes="")),
   ))
 
   c.task = ml_collections.ConfigDict(dict(
@@ -84,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
       # directory of a preset), an error when it has none; or a family name (llama3, gemma2, ...)
       # for the built-in renderer of tokenizer/chat.py.
       chat_format="checkpoint",
+      regime="",  # synthetic_addition with model.synthetic.regimes: whose prompts the run uses
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -168,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, verify=True))
+  # A study (loop.study): arm name -> the keys it changes, nested as here; empty = one run.
+  # order: the arms' run and report order (default by name); the first arm's base is shared.
+  c.study = ml_collections.ConfigDict(dict(arms=ml_collections.ConfigDict(), order=()))
   return c
 
 
@@ -188,6 +197,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("model.preset", c.model.preset, bool(c.model.preset), "model.source='preset' needs one")
     _check("model.tokenizer", c.model.tokenizer, bool(c.model.tokenizer),
            "model.source='preset' needs a tokenizer path")
+  regimes = c.model.synthetic.regimes
+  if regimes:
+    try:
+      names = tuple(synthetic.parse_regimes(regimes))
+    except ValueError as e:
+      _check("model.synthetic.regimes", regimes, False, str(e))
+    _check("task.regime", c.task.regime, c.task.regime in names,
+           f"names the regime whose prompts the run uses, one of {names}")
+  else:
+    _check("task.regime", c.task.regime, not c.task.regime,
+           "needs model.synthetic.regimes (a mixture) to choose from")
   _check("task.num_train", c.task.num_train, c.task.num_train >= 1, "must be >= 1")
   _check("task.chat_format", c.task.chat_format,
          c.task.chat_format in ("checkpoint", *FAMILIES),
@@ -307,5 +327,6 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
   if c.select.kind == "balance":
     c.select.temperatures = tuple(c.select.temperatures)[:2]
   c.train.update(batch_size=8, steps=2, epochs=1)
+  c.train.optimizer.warmup_steps = 0  # a smoke round may have a single step
   c.eval.update(num_samples=4, bon_k=(1, 2, 4))
   c.checkpoint.every_steps = 2

@@ -179,6 +179,8 @@ def _load_task(config: ml_collections.ConfigDict) -> tuple[Task, list[dict], lis
     s = config.model.synthetic
     add = synthetic.AdditionConfig(min_digits=s.min_digits, max_digits=s.max_digits,
                                    num_operands=s.num_operands)
+    if s.regimes:  # the chosen regime's marker opens every prompt
+      add = dataclasses.replace(add, marker=synthetic.parse_regimes(s.regimes)[c.regime].marker)
     # The pretraining stream uses seed = config.seed; prompts come from a disjoint stream.
     examples = task.load(need, seed=config.seed + 1_000_003, config=add)
   elif c.name == "arithmetic":  # generated: seeded by the run's seed
@@ -266,6 +268,8 @@ def _synthetic_base(ctx: Context) -> Any:
     task = synthetic.AdditionConfig(min_digits=s.min_digits, max_digits=s.max_digits,
                                     num_operands=s.num_operands, corruption_rate=s.corruption_rate,
                                     corruption=s.corruption)
+    if s.regimes:  # one base for every regime of the mixture, told apart by their markers
+      task = list(synthetic.parse_regimes(s.regimes, task).values())
     params, _ = synthetic_regime.pretrain(
         task, model_config=ctx.model_config, steps=s.pretrain_steps,
         batch_size=s.pretrain_batch_size, learning_rate=s.pretrain_learning_rate,

@@ -40,6 +40,9 @@ class Loop:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                progress_bars: bool = True):
+    if config.study.arms:
+      raise ValueError(f"config.study.arms={sorted(config.study.arms)}: a study runs each arm "
+                       "in WORKDIR/ARM; use loop.run_study (python -m selfimprove_jax.main does)")
     self.ctx = context.build(config, workdir, progress_bars=progress_bars)
     self.journal = Journal(self.ctx.workdir, writer=self.ctx.writer)
 
@@ -118,8 +121,9 @@ class Loop:
     ctx = self.ctx
     if not ctx.writer:
       return
-    if self.journal.progress.done(ctx.config.loop.num_rounds, "eval"):
-      self.write_summary(started)
+    finished = self.journal.progress.done(ctx.config.loop.num_rounds, "eval")
+    if finished and (todo or not (ctx.workdir.root / "summary.json").exists()):
+      self.write_summary(started)  # a rerun with nothing left keeps the run's own runtime
     report_md = ctx.workdir.root / "report" / "report.md"
     if ctx.config.loop.report and (todo or not report_md.exists()):
       from selfimprove_jax.analysis import report  # pylint: disable=g-import-not-at-top
