@@ -102,3 +102,10 @@ def test_the_sharpening_algorithms_run_side_by_side_at_smoke_size(tmp_path, smok
   loop.run_study(config, root, progress_bars=False)
   report = (root / "report" / "report.md").read_text()
   assert all(f"| {a} | 1 |" in report for a in arms)
+
+
+def test_the_n_ablation_varies_only_n_on_the_greedy_fails_regime():
+  arms = study.arm_configs(method_config("n_ablation", ""))
+  assert [a.sample.num_samples for a in arms.values()] == [4, 8, 16]
+  assert {a.task.regime for a in arms.values()} == {"carry_fork"}
+  assert len({json.dumps(a.model.to_dict(), sort_keys=True) for a in arms.values()}) == 1  # one base

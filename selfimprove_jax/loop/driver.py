@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 import tqdm
 
@@ -78,6 +79,11 @@ class Loop:
     commit(ctx.workdir, ctx.config, ctx.writer)
     journal.open_metrics(self._keeper(resume))
     try:
+      if todo:  # every stage reads the base: load (or pretrain) it first, timed on its own
+        start = time.perf_counter()
+        jax.block_until_ready(ctx.base_params)
+        if ctx.bars:
+          tqdm.tqdm.write(f"base model: {time.perf_counter() - start:.1f} s")
       for round_index, stage in todo:
         start = time.perf_counter()
         self.run_stage(round_index, stage)
