@@ -7,7 +7,8 @@ on self-reward only, with the likeliest of N samples per training prompt kept, f
 Everything else is the demo's, including the held-out study (N = 16 there, so BoN@16 is the
 same ceiling for every arm). WORKDIR/report/report.md has the three arms side by side and the
 amortization table over them: how much of the base's BoN@16 - T=1 gap each N closes, and what
-greedy gains.
+greedy gains. A fourth arm samples adaptively (the paper's App. D: 2 at a time, up to 16, until
+one has base probability >= 1/5); metrics.jsonl's sample record counts what it drew.
 """
 from selfimprove_jax.loop.config import finalize
 from selfimprove_jax.loop.study import arm
@@ -23,5 +24,8 @@ def get_config(variant: str = ""):
     c.method = "n_ablation"
     c.task.regime = "carry_fork"
     c.study.arms = {f"n{n}": arm("sample.num_samples", n) for n in NS}  # replaces the demo's
-    c.study.order = tuple(f"n{n}" for n in NS)
+    # App. D: 2 samples at a time, up to 16, until one has base probability >= 1/5.
+    c.study.arms.adaptive = arm("sample.adaptive.chunk", 2, "sample.adaptive.stop_inverse_prob",
+                                5.0)
+    c.study.order = (*(f"n{n}" for n in NS), "adaptive")
   return finalize(c, variant)

@@ -362,3 +362,32 @@ def test_crash_mid_train_then_rerun_is_bit_identical(method, overrides, crash_at
       assert got.read_text() == want.read_text(), name
   got, want = _restore(victim / "round_002" / "params"), _restore(reference / "round_002" / "params")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), got, want)
+
+
+def test_adaptive_sampling_stops_a_prompt_once_a_likely_sample_is_in_hand(tmp_path, smoke_base):
+  """App. D: 2 samples per prompt at a time, up to 4, until one has base probability >= 1/s."""
+  def run(name, stop):
+    config = method_config("sft_sharpening", **{
+        "loop.num_rounds": 1, "sample.num_samples": 4, "sample.adaptive.chunk": 2,
+        "sample.adaptive.stop_inverse_prob": stop})
+    workdir = fresh_workdir(tmp_path, smoke_base, name)
+    loop.run(config, workdir, progress_bars=False, stop_after="score")
+    by_prompt = {}
+    for row in loop.read_table(workdir / "round_001" / "samples.jsonl"):
+      by_prompt.setdefault(row["prompt_id"], []).append(row)
+    logged = [r for r in records(workdir) if r["stage"] == "sample"]
+    return by_prompt, logged[0]
+
+  never, logged = run("never", 1.0)  # 1 / pi <= 1 needs pi = 1
+  assert {len(rows) for rows in never.values()} == {4} and logged["samples_per_prompt"] == 4
+  assert all([r["sample_index"] for r in rows] == [0, 1, 2, 3] for rows in never.values())
+  first = {pid: max(r["base_logprob"] for r in rows[:2]) for pid, rows in never.items()}
+  # Half the prompts stop after one chunk (1e-3 nats of slack: the stage scores a chunk in
+  # groups of 2, the score stage all 4 rows of a prompt, which rounds differently).
+  threshold = float(np.median(list(first.values()))) - 1e-3
+  mixed, logged = run("mixed", float(np.exp(-threshold)))
+  for pid, rows in mixed.items():
+    assert len(rows) == (2 if first[pid] >= threshold else 4), pid
+    assert [r["tokens"] for r in rows[:2]] == [r["tokens"] for r in never[pid][:2]]
+  assert {len(rows) for rows in mixed.values()} == {2, 4}
+  assert logged["num_samples"] == sum(len(rows) for rows in mixed.values())

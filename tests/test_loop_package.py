@@ -83,6 +83,18 @@ def test_a_regime_mixture_marks_its_prompts_and_bad_mixtures_are_named(tmp_path,
       loop_config.validate(method_config("sft_sharpening", **overrides))
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"sample.adaptive.chunk": 9}, r"config.sample.adaptive.chunk=9: must be in \[1, "),
+    ({"sample.adaptive.chunk": 2, "sample.adaptive.stop_inverse_prob": 0.5},
+     r"config.sample.adaptive.stop_inverse_prob=0.5: must be >= 1"),
+    ({"sample.adaptive.chunk": 2, "sample.adaptive.stop_inverse_prob": 4.0,
+      "sample.model": "both"}, r"config.sample.model='both': adaptive sampling draws from one"),
+])
+def test_bad_adaptive_sampling_is_named(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    loop_config.validate(method_config("sft_sharpening", "", **overrides))
+
+
 @pytest.fixture
 def toy_registrations():
   """A toy reward (shorter is better) and a toy selector (the two best per prompt), registered

@@ -19,7 +19,7 @@ from etils import epath
 
 from selfimprove_jax import cli
 from selfimprove_jax.analysis import plots, rounds, views
-from selfimprove_jax.analysis.report import _fmt, _table, findings, read_rounds
+from selfimprove_jax.analysis.report import _fmt, _table, findings, read_metrics, read_rounds
 from selfimprove_jax.tables import atomic_write
 
 FIGURE = "trajectories.png"
@@ -73,13 +73,16 @@ def write_report(workdirs: Mapping[str, str | os.PathLike], out_dir: str | os.Pa
     last = max(t)
     n = min(_samples_per_prompt(t[0]), _samples_per_prompt(t[last]))
     change = rounds.round_change(t[0], t[last]) if last else None
+    drawn = [m["samples_per_prompt"] for m in read_metrics(epath.Path(wd) / "metrics.jsonl")
+             if m.get("stage") == "sample" and "samples_per_prompt" in m]
     b, a = e[0], e[last]
     bon = b["bon_logprob"].get(str(n))
     closed = (100.0 * (a["t1_acc"] - b["t1_acc"]) / (bon - b["t1_acc"])
               if bon is not None and bon > b["t1_acc"] else None)
     rows.append((name, last, _fmt(b["greedy_acc"]), _fmt(b["t1_acc"]), _fmt(bon),
                  _fmt(b["pass"].get(str(n))), _fmt(a["greedy_acc"]), _fmt(a["t1_acc"]),
-                 _fmt(closed, 0), _fmt(a["bon_logprob"].get(str(n))),
+                 _fmt(closed, 0), _fmt(sum(drawn) / len(drawn) if drawn else None, 1),
+                 _fmt(a["bon_logprob"].get(str(n))),
                  _ci(change["greedy"]) if change else "–", _ci(change["t1"]) if change else "–",
                  f"{_fmt(b['mean_base_logprob_t1'], 2)} → {_fmt(a['mean_base_logprob_t1'], 2)}"))
     own = epath.Path(wd) / "report" / "report.md"
@@ -90,13 +93,15 @@ def write_report(workdirs: Mapping[str, str | os.PathLike], out_dir: str | os.Pa
   amort = rounds.amortization_table({name: tables[name] for name in workdirs})
   md = ["# Study: the runs side by side", "",
         *_table(["run", "rounds", "base greedy", "base T=1", "base BoN@N", "base pass@N",
-                 "greedy", "T=1", "gap closed %", "BoN@N", "Δ greedy [95% CI]", "Δ T=1 [95% CI]",
+                 "greedy", "T=1", "gap closed %", "samples / prompt", "BoN@N",
+                 "Δ greedy [95% CI]", "Δ T=1 [95% CI]",
                  "base log-prob of T=1 samples"], rows), "",
         "Base: round 0; the next columns are the last round's model on the same held-out "
         "prompts. BoN@N: best of the N samples by base log-prob (exact expectation); gap closed: "
         "how much of the base's BoN@N − T=1 gap the last round's T=1 accuracy closed (the "
-        "amortization); Δ: paired by prompt. Log-probs are summed over the response under the "
-        "base model (nats).", "",
+        "amortization); samples / prompt: drawn per training prompt, the mean over rounds; Δ: "
+        "paired by prompt. Log-probs are summed over the response under the base model "
+        "(nats).", "",
         f"![greedy accuracy, T=1 accuracy and base log-prob per round, each run]({FIGURE})", "",
         "## Findings", "", *sections,
         "## Amortization (every round vs its run's base)", "",

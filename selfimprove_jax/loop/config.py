@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
       # keeps the training mesh (an fsdp axis then gathers the whole model inside the sampler).
       mesh="tensor",
       rationalize=False,  # STaR: resample failed prompts with the answer as a hint
+      # Adaptive sampling (the paper's App. D): draw `chunk` samples per prompt at a time, up to
+      # num_samples, and stop a prompt once 1 / max_j pi_base(y_j|x) <= stop_inverse_prob (k/mu):
+      # a sample the base finds that likely is already in hand. chunk 0: always num_samples.
+      adaptive=ml_collections.ConfigDict(dict(chunk=0, stop_inverse_prob=0.0)),
       hint_template="",  # str.format template over the example's fields, e.g. "{question} ({answer})"
   ))
 
@@ -225,6 +229,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check("sample.num_samples", c.sample.num_samples, c.sample.num_samples >= 1, "must be >= 1")
   for t in (c.sample.temperature, *c.sample.temperatures, *c.select.temperatures):
     _check("sample.temperature", t, t >= 0, "temperatures must be >= 0")
+  a = c.sample.adaptive
+  if a.chunk:
+    _check("sample.adaptive.chunk", a.chunk, 1 <= a.chunk <= c.sample.num_samples,
+           f"must be in [1, sample.num_samples={c.sample.num_samples}] (0: off)")
+    _check("sample.adaptive.stop_inverse_prob", a.stop_inverse_prob, a.stop_inverse_prob >= 1,
+           "must be >= 1: stop once 1 / max_j pi_base(y_j|x) is at most this")
+    _check("sample.model", c.sample.model, c.sample.model != "both",
+           "adaptive sampling draws from one model")
   _check("sample.max_new_tokens", c.sample.max_new_tokens, c.sample.max_new_tokens >= 1,
          "must be >= 1")
   if c.sample.rationalize:

@@ -105,7 +105,11 @@ class Loop:
     """Runs one stage of round ``r``, writes its result and marks it done."""
     ctx, journal = self.ctx, self.journal
     if stage == "sample":
-      journal.write_round_table(r, stages.sample(ctx, r), "sample")
+      rows = stages.sample(ctx, r)
+      journal.write_round_table(r, rows, "sample")
+      prompts = len({row["prompt_id"] for row in rows})
+      journal.log(r, stage, journal.progress.global_step(r),
+                  {"num_samples": len(rows), "samples_per_prompt": len(rows) / max(prompts, 1)})
       journal.mark_done(r, stage)
     elif stage in _TABLE_STAGES:
       previous, fn = _TABLE_STAGES[stage]

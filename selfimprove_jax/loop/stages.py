@@ -13,6 +13,7 @@ stage done, so a stage can also be called from a notebook on rows of its own.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -38,12 +39,40 @@ def sample(ctx: Context, r: int) -> list[dict]:
     for source in sources:
       params = policies.policy(ctx, r - 1) if source == "current" else ctx.base_params
       key = jax.random.fold_in(ctx.key(r, "sample", t_index), sources.index(source))
-      rows += rollouts.generate(ctx, rollouts.sampler(ctx, params), examples, prompt_ids,
-                                c.num_samples, t, key, f"round {r} sample ({source}, T={t})",
-                                round=r, source=source)
+      desc = f"round {r} sample ({source}, T={t})"
+      if c.adaptive.chunk:
+        rows += _sample_adaptively(ctx, r, params, examples, ids, t, key, desc, source)
+      else:
+        rows += rollouts.generate(ctx, rollouts.sampler(ctx, params), examples, prompt_ids,
+                                  c.num_samples, t, key, desc, round=r, source=source)
   # Rows of one prompt together (the table is grouped by prompt), stable within a prompt.
   order = {e["id"]: i for i, e in enumerate(examples)}
   rows.sort(key=lambda row: order[row["prompt_id"]])
+  return rows
+
+
+def _sample_adaptively(ctx: Context, r: int, params: Any, examples: list[dict],
+                       ids: dict[Any, list[int]], t: float, key: jax.Array, desc: str,
+                       source: str) -> list[dict]:
+  """App. D's adaptive sampling: ``sample.adaptive.chunk`` samples per prompt at a time, scored
+  under the base, until 1 / max_j pi_base(y_j|x) <= ``stop_inverse_prob`` or ``num_samples``."""
+  c = ctx.config.sample
+  stop_logprob = -math.log(c.adaptive.stop_inverse_prob)
+  sample_fn, rows = rollouts.sampler(ctx, params), []
+  pending = list(examples)
+  for i, start in enumerate(range(0, c.num_samples, c.adaptive.chunk)):
+    n = min(c.adaptive.chunk, c.num_samples - start)
+    chunk = rollouts.generate(ctx, sample_fn, pending, [ids[e["id"]] for e in pending], n, t,
+                              jax.random.fold_in(key, i), f"{desc} chunk {i}", round=r,
+                              source=source)
+    best = {}
+    for row, logprob in zip(chunk, rollouts.score(ctx, ctx.base_params, chunk, ids).sum_logprob_B):
+      row["sample_index"] += start
+      best[row["prompt_id"]] = max(best.get(row["prompt_id"], -math.inf), float(logprob))
+    rows += chunk
+    pending = [e for e in pending if best[e["id"]] < stop_logprob]
+    if not pending:
+      break
   return rows
 
 
