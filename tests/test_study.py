@@ -104,8 +104,9 @@ def test_the_sharpening_algorithms_run_side_by_side_at_smoke_size(tmp_path, smok
   assert all(f"| {a} | 1 |" in report for a in arms)
 
 
-def test_the_n_ablation_varies_only_n_on_the_greedy_fails_regime():
+def test_the_n_ablation_varies_only_n_and_adaptivity_on_the_greedy_fails_regime():
   arms = study.arm_configs(method_config("n_ablation", ""))
-  assert [a.sample.num_samples for a in arms.values()] == [4, 8, 16]
+  assert [a.sample.num_samples for a in arms.values()] == [4, 8, 16, 16]  # adaptive: at most 16
+  assert [a.sample.adaptive.chunk for a in arms.values()] == [0, 0, 0, 2]
   assert {a.task.regime for a in arms.values()} == {"carry_fork"}
   assert len({json.dumps(a.model.to_dict(), sort_keys=True) for a in arms.values()}) == 1  # one base
