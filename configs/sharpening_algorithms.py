@@ -15,8 +15,10 @@ the same 16 samples for each of 256 prompts a round, for 2 rounds:
 WORKDIR/report/report.md has the per-round greedy accuracy, T=1 accuracy and mean base log-prob
 of every arm in one table and one figure.
 """
-from selfimprove_jax.loop.config import base_config, finalize
+from selfimprove_jax.loop.config import finalize
 from selfimprove_jax.loop.study import arm
+
+from configs import demo
 
 ARMS = {
     "sft": arm("select.kind", "top1", "train.loss", "sft"),
@@ -36,19 +38,12 @@ ARMS = {
 
 
 def get_config(variant: str = ""):
-  c = base_config()
-  c.method = "sharpening_algorithms"
-  c.model.synthetic.update(embed_dim=96, num_layers=3, num_heads=4, head_dim=24, mlp_dim=384,
-                           pretrain_steps=500, pretrain_batch_size=128,
-                           pretrain_learning_rate=2e-3,
-                           regimes="random:0.4,carry_fork:0.6,drop_carry:0.6")
-  c.task.update(num_train=512, num_eval=128, regime="carry_fork")
-  c.loop.update(num_rounds=2, prompts_per_round=256)
-  c.sample.update(model="current", num_samples=16, temperature=1.0, batch_size=32)
-  c.score.update(reward="logprob", reward_model="base", batch_size=256)
-  c.train.update(epochs=8, batch_size=64)
-  c.train.optimizer.learning_rate = 3e-4
-  c.eval.update(num_samples=16, bon_k=(1, 2, 4, 8, 16))
-  c.checkpoint.every_steps = 16
-  c.study.update(arms=ARMS, order=tuple(ARMS))
+  c = demo.get_config()  # the demo's base, task sizes, sampling, scoring and SFT settings
+  with c.unlocked():
+    c.method = "sharpening_algorithms"
+    c.task.regime = "carry_fork"
+    c.loop.num_rounds = 2
+    c.train.optimizer.update(schedule="constant", warmup_steps=0)
+    c.study.arms = ARMS  # replaces the demo's
+    c.study.order = tuple(ARMS)
   return finalize(c, variant)
