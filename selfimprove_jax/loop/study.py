@@ -96,7 +96,10 @@ def _share_base(arms: dict[str, ml_collections.ConfigDict], root: epath.Path) ->
     target = Workdir.at(root / name).base
     if same and first.exists() and not target.exists():
       target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copytree(first, target)
+      partial = target.parent / f".{target.name}.tmp"  # a killed copy is never taken for a base
+      shutil.rmtree(partial, ignore_errors=True)
+      shutil.copytree(first, partial)
+      partial.rename(target)
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
