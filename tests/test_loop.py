@@ -364,6 +364,65 @@ def test_crash_mid_train_then_rerun_is_bit_identical(method, overrides, crash_at
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), got, want)
 
 
+def _assert_same_run(victim, reference, rounds):
+  for name in ["progress.json", "metrics.jsonl", *(f"round_{r:03d}/eval.json" for r in rounds)]:
+    assert (victim / name).read_text() == (reference / name).read_text(), name
+  for r in rounds[1:]:
+    got, want = (_restore(w / f"round_{r:03d}" / "params") for w in (victim, reference))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), got, want)
+
+
+def test_kill_in_the_windows_between_a_stage_and_its_mark_then_rerun_is_bit_identical(
+    tmp_path, smoke_base, monkeypatch):
+  """Two windows an outside kill harness found (issue 19, items 9 and 10), each cut open here by
+  an exception at that exact point: (a) the finished round's train states half deleted (its params
+  saved, train not yet marked done); (b) right after round 1's eval is marked done."""
+  config = method_config("sft_sharpening", **{"loop.num_rounds": 2, "train.epochs": 2,
+                                              "checkpoint.every_steps": 1})
+  reference = fresh_workdir(tmp_path, smoke_base, "reference")
+  loop.run(config, reference, progress_bars=False)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  # (a) A removal that has taken one file of a train-state tree when the process dies.
+  path_class = type(epath.Path(tmp_path))
+  real_rmtree = path_class.rmtree
+
+  def dying_rmtree(self, *args, **kwargs):
+    trained = trees.exists(victim / "round_001" / "params")
+    doomed = list(pathlib.Path(self).rglob("_sharding")) if "train_state" in str(self) else []
+    if trained and doomed:
+      doomed[0].unlink()
+      raise _Crash
+    return real_rmtree(self, *args, **kwargs)
+
+  victim = fresh_workdir(tmp_path, smoke_base, "victim_a")
+  monkeypatch.setattr(path_class, "rmtree", dying_rmtree)
+  with pytest.raises(_Crash):
+    loop.run(config, victim, progress_bars=False)
+  monkeypatch.setattr(path_class, "rmtree", real_rmtree)
+  assert trees.exists(victim / "round_001" / "params")
+  assert "train" not in json.loads((victim / "progress.json").read_text())["completed"]["1"]
+  loop.run(config, victim, progress_bars=False)
+  _assert_same_run(victim, reference, [0, 1, 2])
+  assert not (victim / "round_001" / "train_state").exists()
+
+  # (b) Dies the moment round 1's eval is marked done.
+  real_mark = loop.workdir.Journal.mark_done
+
+  def dying_mark(self, round_index, stage, **kwargs):
+    real_mark(self, round_index, stage, **kwargs)
+    if (round_index, stage) == (1, "eval"):
+      raise _Crash
+
+  victim = fresh_workdir(tmp_path, smoke_base, "victim_b")
+  monkeypatch.setattr(loop.workdir.Journal, "mark_done", dying_mark)
+  with pytest.raises(_Crash):
+    loop.run(config, victim, progress_bars=False)
+  monkeypatch.setattr(loop.workdir.Journal, "mark_done", real_mark)
+  loop.run(config, victim, progress_bars=False)
+  _assert_same_run(victim, reference, [0, 1, 2])
+
+
 def test_adaptive_sampling_stops_a_prompt_once_a_likely_sample_is_in_hand(tmp_path, smoke_base):
   """App. D: 2 samples per prompt at a time, up to 4, until one has base probability >= 1/s."""
   def run(name, stop):

@@ -63,6 +63,14 @@ def exists(path: str | os.PathLike) -> bool:
   return (_path(path) / MANIFEST).exists()
 
 
+def delete(path: str | os.PathLike) -> None:
+  """Removes the checkpoint at ``path`` (if any), manifest first: a removal cut short leaves a
+  directory that ``exists`` no longer takes for a checkpoint, never a manifest over a partial tree."""
+  root = _path(path)
+  (root / MANIFEST).unlink(missing_ok=True)
+  root.rmtree(missing_ok=True)
+
+
 def save_tree(path: str | os.PathLike, tree: Any, *, meta: dict | None = None) -> None:
   """Saves ``tree`` (jax arrays, possibly sharded over processes; numpy arrays; scalars).
 
@@ -82,13 +90,11 @@ def save_tree(path: str | os.PathLike, tree: Any, *, meta: dict | None = None) -
     files = {rel: list(_digest(p)) for rel, p in sorted(_files(tmp).items())}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files, "meta": meta or {}}))
     old = final.parent / f".{final.name}.old"
-    if old.exists():
-      old.rmtree()
+    delete(old)
     if final.exists():
       final.rename(old)
     tmp.rename(final)
-    if old.exists():
-      old.rmtree()
+    delete(old)
   multihost.sync("save_tree_done")
 
 

@@ -90,7 +90,7 @@ class Loop:
         if ctx.bars:
           tqdm.tqdm.write(f"round {round_index} {stage}: {time.perf_counter() - start:.1f} s")
         if stage == "eval":
-          self._round_summary(round_index)
+          self._print_round(round_index)
         if stage == stop_after:
           break
       else:
@@ -102,7 +102,8 @@ class Loop:
     return journal.eval_result(last) if journal.progress.done(last, "eval") else {}
 
   def run_stage(self, r: int, stage: str) -> None:
-    """Runs one stage of round ``r``, writes its result and marks it done."""
+    """Runs one stage of round ``r``, writes its result and records, and then marks it done:
+    the mark is the last write, so a stage marked done owes nothing to a rerun."""
     ctx, journal = self.ctx, self.journal
     if stage == "sample":
       rows = stages.sample(ctx, r)
@@ -118,12 +119,18 @@ class Loop:
       journal.log(r, stage, journal.progress.global_step(r), metrics)
       journal.mark_done(r, stage)
     elif stage == "train":
-      mode = offline if ctx.config.loop.mode == "offline" else online
-      journal.mark_done(r, stage, train_steps=mode.train(ctx, journal, r))
+      steps = updates.saved_steps(ctx, r)  # a run killed after saving the round's params
+      if steps is None:
+        mode = offline if ctx.config.loop.mode == "offline" else online
+        steps = mode.train(ctx, journal, r)
+      else:
+        updates.drop_train_states(ctx, r)
+      journal.mark_done(r, stage, train_steps=steps)
     else:
       rows, result = stages.evaluate(ctx, r)
       journal.write_eval(r, rows, result)
       journal.log(r, "eval", journal.progress.global_step(r + 1), flatten(result))
+      self._log_round(r)
       journal.mark_done(r, "eval")
 
   def _finish(self, todo: list[tuple[int, str]], started: float) -> None:
@@ -156,6 +163,9 @@ class Loop:
         check(ctx.workdir.params(r))
     if stage != "train":
       return None
+    if trees.exists(ctx.workdir.params(round_index)):  # trained, killed before the mark
+      check(ctx.workdir.params(round_index))
+      return round_index, updates.saved_steps(ctx, round_index)
     step = updates.latest_checkpoint(ctx, round_index)
     if step is None:
       return None
@@ -180,12 +190,16 @@ class Loop:
       return False
     return keep
 
-  def _round_summary(self, r: int) -> None:
+  def _print_round(self, r: int) -> None:
     e = self.journal.eval_result(r)
     if self.ctx.writer:
       tqdm.tqdm.write(f"round {r}: greedy {e['greedy_acc']:.3f}  T=1 {e['t1_acc']:.3f}  "
                       f"base log-prob (T=1) {e['mean_base_logprob_t1']:.2f}  "
                       + "  ".join(f"BoN@{k} {v:.3f}" for k, v in e["bon_logprob"].items()))
+
+  def _log_round(self, r: int) -> None:
+    """The round's headline metrics as one ``round`` record (part of what its eval owes)."""
+    e = self.journal.eval_result(r)
     self.journal.log(r, "round", self.journal.progress.global_step(r + 1),
                      {"greedy_acc": e["greedy_acc"], "t1_acc": e["t1_acc"],
                       "mean_base_logprob_t1": e["mean_base_logprob_t1"],

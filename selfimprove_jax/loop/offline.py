@@ -65,9 +65,10 @@ def train(ctx: Context, journal: Journal, r: int) -> int:
   total = per_epoch * c.epochs
   start = policies.start(ctx, r)
   if total == 0:  # nothing selected: the round's model is its starting model
+    journal.log(r, "train", journal.progress.global_step(r), {"num_examples": 0})
+    journal.flush()  # saved params mean the stage is over: its record must be on storage
     trees.save_tree(ctx.workdir.params(r), policies.trainable_of(ctx, start),
                     meta={"round": r, "steps": 0})
-    journal.log(r, "train", journal.progress.global_step(r), {"num_examples": 0})
     return 0
   rng = np.random.default_rng([ctx.config.seed, r, STAGE_IDS["train"]])
   order = np.concatenate([rng.permutation(len(data)) for _ in range(c.epochs)])

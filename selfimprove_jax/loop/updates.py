@@ -104,7 +104,7 @@ def save_state(ctx: Context, journal: Journal, r: int, state: TrainState, step: 
   if ctx.writer:
     for p in ctx.workdir.train_states(r).iterdir():
       if p.name.startswith("step_") and p.name != f"step_{step:06d}":
-        p.rmtree()
+        trees.delete(p)
 
 
 def restore_state(ctx: Context, r: int, state: TrainState, step: int) -> TrainState:
@@ -119,8 +119,24 @@ def finish(ctx: Context, r: int, trainable: Any, steps: int) -> None:
   """Saves round ``r``'s trained tree, keeps its model in memory, drops its train states."""
   trees.save_tree(ctx.workdir.params(r), trainable, meta={"round": r, "steps": steps})
   policies.remember(ctx, r, trainable)
-  if ctx.writer and ctx.workdir.train_states(r).exists():
-    ctx.workdir.train_states(r).rmtree()
+  drop_train_states(ctx, r)
+
+
+def saved_steps(ctx: Context, r: int) -> int | None:
+  """The update steps of round ``r``'s saved params, if a run saved them (and was then killed
+  before marking its train stage done); None if there are none."""
+  path = ctx.workdir.params(r)
+  return trees.read_meta(path)["steps"] if trees.exists(path) else None
+
+
+def drop_train_states(ctx: Context, r: int) -> None:
+  """Removes round ``r``'s train-state checkpoints, each one's manifest first, so a removal cut
+  short never leaves a directory a rerun takes for a checkpoint."""
+  root = ctx.workdir.train_states(r)
+  if ctx.writer and root.exists():
+    for p in root.iterdir():
+      trees.delete(p)
+    root.rmtree()
 
 
 def train(ctx: Context, journal: Journal, r: int, *, start: Any, total: int, desc: str,
