@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.8",  # analysis/plots.py (Agg canvas only)
         "tqdm>=4.66",
         "sympy>=1.12,<2",  # MATH answer equivalence (verifiers/sympy_check.py)
+        "math-verify==0.9.0",  # MATH answers, in verifiers/sympy_check.py's worker (no antlr extra)
         "etils[epath]>=1.7",  # local and gs:// paths alike (checkpoint/files.py)
         "ml_dtypes>=0.5",  # bfloat16 tensors in safetensors files
         "jinja2>=3.1",  # the checkpoint's own chat template (tokenizer/template.py)

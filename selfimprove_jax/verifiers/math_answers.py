@@ -2,15 +2,23 @@
 
 Equivalence of a completion's answer and the gold one, cheapest first:
   1. equal after ``normalize_math`` (spacing, \\left/\\right, \\dfrac, \\text{}, degrees, dollars,
-     percent, trailing units, "x = ", thousands commas, "\\frac12" shorthand, decimals);
+     percent, trailing units, "x = ", thousands commas, "\\frac12" shorthand, decimals, mixed
+     numbers, repeating decimals, plain "pi"/"sqrt(2)", "1 and 2" lists);
   2. equal as exact decimals ("0.50" and ".5");
-  3. the same number of top-level comma-separated parts ("(1, 2)", "3, 5"), compared part by part;
-  4. both convert (``latex_to_sympy``: fractions, roots, powers, pi, implicit products) and
-     ``SympyChecker`` finds them equal within its timeout ("\\frac{1}{2}" and "0.5").
+  3. the same number of top-level comma-separated parts ("(1, 2)", "3, 5"), equal part by part;
+  4. answers with words in them ("Evelyn", "\\text{odd}") only as case-folded strings;
+  5. when both convert (``latex_to_sympy``: fractions, roots, powers, pi, implicit products),
+     ``SympyChecker.equal``'s verdict ("\\frac{1}{2}" and "0.5"; "0.333" is not 1/3);
+  6. otherwise math-verify in the same killable worker (``SympyChecker.verify_latex``): sets in
+     any order, \\pm, intervals and unions, matrices, equations, ratios, scientific notation.
+Steps 5-6 run in a child process, so a comparison that overruns its timeout is killed and counts
+as not equal, from any thread. ``tests/fixtures/math_grading_table.jsonl`` holds the verdicts this
+is measured against (``benchmarks/math_grading.py``).
 """
 from __future__ import annotations
 
 import decimal
+import fractions
 import re
 from typing import Any
 
@@ -46,23 +54,28 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
   return None
 
 
-def last_boxed(text: str) -> str | None:
-  """Content of the last top-level ``\\boxed{...}`` / ``\\fbox{...}`` (boxes nested inside it are
-  kept in the content), or of ``\\boxed x``; None when there is none, or the last one is empty or
-  never closes its brace."""
+def boxed_answers(text: str) -> list[str | None]:
+  """Contents of the top-level ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed x`` in order (boxes
+  nested inside one are kept in its content); None for one that never closes its brace."""
   pattern = re.compile("|".join(re.escape(c) for c in _BOX_COMMANDS) + r"(?![a-zA-Z])")
-  found, pos = None, 0
+  found, pos = [], 0
   while m := pattern.search(text, pos):
     if text.startswith(" ", m.end()):
       word = re.match(r"\s*([^\s$]+)", text[m.end():])
-      found, pos = (word.group(1), m.end() + word.end()) if word else (None, m.end())
+      found.append(word.group(1) if word else None)
+      pos = m.end() + (word.end() if word else 0)
       continue
     group = _braced(text, m.end())
-    if group is None:
-      found, pos = None, m.end()
-      continue
-    found, pos = group
-  return found if found and found.strip() else None
+    found.append(group[0] if group else None)
+    pos = group[1] if group else m.end()
+  return found
+
+
+def last_boxed(text: str) -> str | None:
+  """Content of the last top-level box (see ``boxed_answers``); None when there is none, or the
+  last one is empty or never closes its brace."""
+  found = boxed_answers(text)
+  return found[-1] if found and found[-1] and found[-1].strip() else None
 
 
 def extract_math_answer(text: str) -> str | None:
@@ -90,25 +103,42 @@ def _fix_shorthand(s: str) -> str:
   return re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
 
 
+def _repeating(m: re.Match) -> str:
+  """A repeating decimal as a fraction: 0.1\\overline{6} -> \\frac{1}{6}."""
+  sign, whole, fixed, cycle = m.groups()
+  value = fractions.Fraction(int(whole or "0")) + fractions.Fraction(
+      int(fixed + cycle) - int(fixed or "0"), 10 ** len(fixed) * (10 ** len(cycle) - 1))
+  return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
 def normalize_math(answer: str) -> str:
   """A canonical string for a MATH answer (see the module docstring for what it removes)."""
-  s = answer.strip()
+  s = answer.strip().replace("\u2212", "-")
   s = _unwrap(s, _BOX_COMMANDS)
-  for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ ", "\\quad", "\\qquad", "\\displaystyle", "\n"):
-    s = s.replace(spacing, " " if spacing == "\\ " else "")
+  # Spacing commands become spaces (a space can separate a unit); the "\\" that ends a matrix
+  # row is not the "\\ " command even when a space follows it.
+  s = re.sub(r"(?<!\\)\\(?:[,;: ]|q?quad(?![a-zA-Z]))", " ", s)
+  s = re.sub(r"(?<!\\)\\(?:!|displaystyle(?![a-zA-Z]))|\n", "", s)
   s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
   s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
   s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\u00b0", "", s)
   s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
   # Units in a trailing \text{...} ("5\text{ cm}^2") go before the \text wrappers are dropped.
-  m = re.search(r"\\(?:text|mbox|mathrm|textrm)\{(\s*)([a-zA-Z ]+)\}(?:\^\{?[23]\}?)?\s*$", s)
-  if m and s[:m.start()].strip() and (m.group(1) or m.group(2).strip() in _UNIT_WORDS):
+  m = re.search(r"(\s*)\\(?:text|mbox|mathrm|textrm)\{(\s*)([a-zA-Z ]+)\}(?:\^\{?[23]\}?)?\s*$",
+                s)
+  if m and s[:m.start()].strip() and (m.group(1) or m.group(2)
+                                      or m.group(3).strip() in _UNIT_WORDS):
     s = s[:m.start()]
   s = _unwrap(s, _TEXT_COMMANDS)
+  s = re.sub(r"\s+(?:and|or)\s+", ",", s)  # "1 \text{ and } 2": a list of solutions
+  s = re.sub(r"\s*(?:percent|per cent)$", "", s)
   s = _UNITS_RE.sub("", s.strip())
   s = s.replace("{,}", ",")
   s = re.sub(r"\s+", "", s)
   s = _fix_shorthand(s)
+  s = re.sub(r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi", s)
+  s = re.sub(r"(?<![a-zA-Z\\])sqrt\(([^()]*)\)", r"\\sqrt{\1}", s)
+  s = re.sub(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", _repeating, s)
   if re.fullmatch(r"[a-zA-Z]\w?=.+", s):  # "x=5" -> "5"; longer left sides are kept
     s = s.split("=", 1)[1]
   if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
@@ -117,6 +147,9 @@ def normalize_math(answer: str) -> str:
   if re.fullmatch(r"-?\d+/\d+", s):
     num, den = s.lstrip("-").split("/")
     s = ("-" if s.startswith("-") else "") + f"\\frac{{{num}}}{{{den}}}"
+  if m := re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s):  # "2\frac{1}{2}": mixed
+    sign, whole, num, den = m.groups()
+    s = f"{sign}\\frac{{{int(whole) * int(den) + int(num)}}}{{{den}}}"
   if re.fullmatch(r"\(([A-Z])\)", s):
     s = s[1]
   number = _decimal(s)
@@ -278,6 +311,19 @@ def _split_top_level(s: str) -> list[str]:
   return parts + [s[start:]]
 
 
+_WORD_RE = re.compile(r"[a-zA-Z]{3,}")
+
+
+def _has_words(s: str) -> bool:
+  """Whether a normalized answer has a run of 3+ letters outside LaTeX commands and environment
+  names ("Evelyn", "odd"): words are compared as text, never as products of symbols."""
+  return bool(_WORD_RE.search(re.sub(r"\\(?:begin|end)\{\w+\*?\}|\\[a-zA-Z]+", "", s)))
+
+
+def _parts_equal(pa: list[str], pb: list[str], checker: SympyChecker) -> bool:
+  return len(pa) == len(pb) and all(_equal_normalized(x, y, checker) for x, y in zip(pa, pb))
+
+
 def _equal_normalized(a: str, b: str, checker: SympyChecker) -> bool:
   if a == b:
     return True
@@ -285,15 +331,20 @@ def _equal_normalized(a: str, b: str, checker: SympyChecker) -> bool:
   if da is not None and db is not None:
     return da == db
   pa, pb = _split_top_level(a), _split_top_level(b)
-  if len(pa) > 1 or len(pb) > 1:
-    return len(pa) == len(pb) and all(_equal_normalized(x, y, checker) for x, y in zip(pa, pb))
+  if len(pa) > 1 and _parts_equal(pa, pb, checker):
+    return True
   for open_, close in ("()", "[]"):
-    if a[:1] == b[:1] == open_ and a[-1:] == b[-1:] == close:  # tuples and intervals
-      inner_a, inner_b = a[1:-1], b[1:-1]
-      if len(_split_top_level(inner_a)) > 1:
-        return _equal_normalized(inner_a, inner_b, checker)
-  ea, eb = latex_to_sympy(a), latex_to_sympy(b)
-  return ea is not None and eb is not None and checker.equal(ea, eb)
+    if a[:1] == b[:1] == open_ and a[-1:] == b[-1:] == close:  # tuples and intervals: in order
+      inner_a, inner_b = _split_top_level(a[1:-1]), _split_top_level(b[1:-1])
+      if len(inner_a) > 1 and _parts_equal(inner_a, inner_b, checker):
+        return True
+  if _has_words(a) or _has_words(b):
+    return a.casefold() == b.casefold()
+  if len(pa) == len(pb) == 1:
+    ea, eb = latex_to_sympy(a), latex_to_sympy(b)
+    if ea is not None and eb is not None:
+      return checker.equal(ea, eb)
+  return checker.verify_latex(a, b)
 
 
 def math_equal(answer: str, reference: str, checker: SympyChecker | None = None) -> bool:
@@ -304,7 +355,9 @@ def math_equal(answer: str, reference: str, checker: SympyChecker | None = None)
 
 def grade_math(completion: str, reference: Any, checker: SympyChecker | None = None) -> Verdict:
   """MATH: the completion's last boxed answer against the reference (a solution with a boxed
-  answer, or the bare answer)."""
+  answer, or the bare answer). When the reference lists several solutions ("3, 5") and the
+  completion boxes them one by one ("x = \\boxed{3} or x = \\boxed{5}"), the boxes together are
+  the answer (then ``extracted`` is "3, 5")."""
   ref = str(reference)
   gold = last_boxed(ref) if any(c in ref for c in _BOX_COMMANDS) else ref.strip()
   if not gold:
@@ -312,7 +365,16 @@ def grade_math(completion: str, reference: Any, checker: SympyChecker | None = N
   found = extract_math_answer(completion)
   if found is None:
     return Verdict(correct=False, parsed=False, extracted=None)
-  return Verdict(correct=math_equal(found, gold, checker), parsed=True, extracted=found)
+  checker = checker or default_checker()
+  if math_equal(found, gold, checker):
+    return Verdict(correct=True, parsed=True, extracted=found)
+  boxes = boxed_answers(completion)
+  if (len(boxes) > 1 and all(b and b.strip() for b in boxes)
+      and len(_split_top_level(normalize_math(gold))) == len(boxes)):
+    joined = ", ".join(b.strip() for b in boxes)
+    if math_equal(joined, gold, checker):
+      return Verdict(correct=True, parsed=True, extracted=joined)
+  return Verdict(correct=False, parsed=True, extracted=found)
 
 
 math_reward = grader_reward(grade_math, name="math")

@@ -1,11 +1,18 @@
-"""Symbolic equality of two expressions in a worker process that can be killed on a timeout.
+"""Symbolic equality of two answers in a worker process that can be killed on a timeout.
 
 ``sympy.simplify`` has no time bound (and ``10**10**10`` has no memory bound), and neither signals
 (main thread only) nor threads can stop it, so comparisons run in one long-lived child process
-(sympy imported once, address space capped) that is killed and lazily restarted when a comparison
-overruns. Inputs are the restricted expression strings made by ``math_answers.latex_to_sympy``:
-digits, single-letter symbols, + - * / ** ( ) and a few named functions; anything else is refused
-before it reaches ``sympify`` (which evaluates its input).
+(sympy and math-verify imported once, address space capped) that is killed and lazily restarted
+when a comparison overruns. The worker answers two kinds of question:
+
+  ``equal(a, b)``: restricted expression strings made by ``math_answers.latex_to_sympy`` (digits,
+    single-letter symbols, + - * / ** ( ) and a few named functions; anything else is refused
+    before it reaches ``sympify``, which evaluates its input), equal by ``simplify`` or numerically.
+  ``verify_latex(answer, gold)``: math-verify's ``verify`` of two LaTeX answers, each parsed as
+    the content of a ``\\boxed{}`` by its LaTeX extractor only (its plain-expression extractor
+    hands text to sympy's ``parse_expr``, which evaluates it, so it is not used). math-verify's
+    own timeouts are signal alarms that raise off the main thread; in the worker they are off and
+    the host's kill is the only time bound, so a caller on any thread gets the same verdicts.
 """
 from __future__ import annotations
 
@@ -25,7 +32,9 @@ _SAFE_RE = re.compile(r"[0-9a-zA-Z()+\-*/ ]*")
 _WORKER = r"""
 import json, resource, string, sys
 resource.setrlimit(resource.RLIMIT_AS, (%(memory)d, %(memory)d))
+reply, sys.stdout = sys.stdout, sys.stderr  # library chatter must not reach the protocol pipe
 import sympy
+from math_verify import LatexExtractionConfig, parse, verify
 names = {c: sympy.Symbol(c) for c in string.ascii_letters}
 names.update(sqrt=sympy.sqrt, pi=sympy.pi, sin=sympy.sin, cos=sympy.cos, tan=sympy.tan,
              log=sympy.log, exp=sympy.exp)
@@ -37,14 +46,21 @@ def equal(a, b):
     return False
   u, v = complex(sympy.N(x, 30)), complex(sympy.N(y, 30))
   return abs(u - v) <= 1e-12 * max(1.0, abs(v))
-print("ready", flush=True)
+def verify_latex(answer, gold):
+  config = [LatexExtractionConfig()]
+  g, a = (parse("\\boxed{" + s + "}", config, parsing_timeout=None) for s in (gold, answer))
+  return bool(g and a and verify(g, a, timeout_seconds=None))
+print("ready", file=reply, flush=True)
 for line in sys.stdin:
   req = json.loads(line)
   try:
-    out = {"equal": bool(equal(req["a"], req["b"]))}
+    if "gold" in req:
+      out = {"equal": verify_latex(req["answer"], req["gold"])}
+    else:
+      out = {"equal": bool(equal(req["a"], req["b"]))}
   except Exception as e:
     out = {"equal": False, "error": type(e).__name__}
-  print(json.dumps(out), flush=True)
+  print(json.dumps(out), file=reply, flush=True)
 """
 
 
@@ -55,7 +71,7 @@ def is_safe(expr: str) -> bool:
 
 
 class SympyChecker:
-  """Compares expression strings in a worker process; thread-safe (one comparison at a time).
+  """Compares answers in a worker process; thread-safe (one comparison at a time).
 
   timeout_s: wall seconds per comparison (worker start-up excluded); on overrun the worker is
     killed and the comparison counts as not equal (``timeouts`` counts these).
@@ -83,7 +99,7 @@ class SympyChecker:
     if self._readline(proc, self.startup_timeout_s) != b"ready":
       self._kill(proc)
       raise RuntimeError(f"SympyChecker: the worker ({sys.executable}) did not start within "
-                         f"{self.startup_timeout_s}s; is sympy installed?")
+                         f"{self.startup_timeout_s}s; are sympy and math-verify installed?")
     return proc
 
   @staticmethod
@@ -116,11 +132,20 @@ class SympyChecker:
     for name, expr in (("a", a), ("b", b)):
       if not is_safe(expr):
         raise ValueError(f"SympyChecker.equal: {name}={expr!r} is not a restricted expression")
+    return self._ask({"a": a, "b": b})
+
+  def verify_latex(self, answer: str, gold: str) -> bool:
+    """math-verify's verdict on two LaTeX answers (box contents, e.g. ``"\\frac{1}{2}"``): sets
+    in any order, intervals, matrices, equations, percentages as hundredths, floats rounded to 6
+    decimals (so "0.3333333" equals 1/3). False on a timeout or when either does not parse."""
+    return self._ask({"answer": answer, "gold": gold})
+
+  def _ask(self, request: dict) -> bool:
     with self._lock:
       if self._proc is None or self._proc.poll() is not None:
         self._proc = self._start()
       try:
-        self._proc.stdin.write(json.dumps({"a": a, "b": b}).encode() + b"\n")
+        self._proc.stdin.write(json.dumps(request).encode() + b"\n")
         self._proc.stdin.flush()
         line = self._readline(self._proc, self.timeout_s)
       except BrokenPipeError:
