@@ -27,6 +27,7 @@ setup(
         "sympy>=1.12,<2",  # MATH answer equivalence (verifiers/sympy_check.py)
         "math-verify==0.9.0",  # MATH answers, in verifiers/sympy_check.py's worker (no antlr extra)
         "etils[epath]>=1.7",  # local and gs:// paths alike (checkpoint/files.py)
+        "tensorboardX>=2.6.5,<3",  # TensorBoard event files without TensorFlow (metrics.py)
         "ml_dtypes>=0.5",  # bfloat16 tensors in safetensors files
         "jinja2>=3.1",  # the checkpoint's own chat template (tokenizer/template.py)
     ],

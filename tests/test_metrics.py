@@ -1,139 +1,69 @@
-"""Hand-written TensorBoard event files and the JSONL metrics log."""
+"""The JSONL metrics log and its mirrors: TensorBoard event files (tensorboardX) and W&B.
+
+Event files are read back here with a small TFRecord reader (tensorboardX ships no reader and
+``tensorboard`` is not installed): both CRCs of every record are checked and each payload is
+decoded by protobuf as tensorboardX's own ``Event`` message.
+"""
 import json
 import math
+import pathlib
 import struct
+import subprocess
+import sys
+import types
+from collections import Counter
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from tensorboardX.crc32c import crc32c
+from tensorboardX.proto.event_pb2 import Event
 
 from selfimprove_jax import metrics
 
 
-def _event_class():
-  """An ``Event`` message class built by protobuf itself, as an independent codec."""
-  F = descriptor_pb2.FieldDescriptorProto
-  fdp = descriptor_pb2.FileDescriptorProto(name="event_test.proto", package="t", syntax="proto3")
-  value = fdp.message_type.add(name="Value")
-  value.field.add(name="tag", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-  value.field.add(name="simple_value", number=2, type=F.TYPE_FLOAT, label=F.LABEL_OPTIONAL)
-  summary = fdp.message_type.add(name="Summary")
-  summary.field.add(name="value", number=1, type=F.TYPE_MESSAGE, type_name=".t.Value",
-                    label=F.LABEL_REPEATED)
-  event = fdp.message_type.add(name="Event")
-  event.field.add(name="wall_time", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
-  event.field.add(name="step", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
-  event.field.add(name="file_version", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-  event.field.add(name="summary", number=5, type=F.TYPE_MESSAGE, type_name=".t.Summary",
-                  label=F.LABEL_OPTIONAL)
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(fdp)
-  return message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
+def _masked_crc32c(data):
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _payloads(path):
-  """The record payloads of an event file, framing checked only by read_events elsewhere."""
+def _events(path):
+  """Every ``Event`` of the event file at ``path``, the TFRecord framing and CRCs checked."""
   raw, out, pos = path.read_bytes(), [], 0
   while pos < len(raw):
-    (size,) = struct.unpack_from("<Q", raw, pos)
-    out.append(raw[pos + 12:pos + 12 + size])
+    assert pos + 12 <= len(raw), f"{path.name}: truncated header at byte {pos}"
+    header = raw[pos:pos + 8]
+    assert struct.unpack_from("<I", raw, pos + 8)[0] == _masked_crc32c(header), pos
+    (size,) = struct.unpack("<Q", header)
+    assert pos + 16 + size <= len(raw), f"{path.name}: truncated record at byte {pos}"
+    data = raw[pos + 12:pos + 12 + size]
+    assert struct.unpack_from("<I", raw, pos + 12 + size)[0] == _masked_crc32c(data), pos
+    out.append(Event.FromString(data))
     pos += 16 + size
   return out
 
 
-def test_crc32c_known_values():
-  assert metrics.crc32c(b"123456789") == 0xE3069283
-  # RFC 3720 (iSCSI) B.4 test vectors.
-  assert metrics.crc32c(bytes(32)) == 0x8A9136AA
-  assert metrics.crc32c(b"\xff" * 32) == 0x62A8AB43
-  assert metrics.crc32c(bytes(range(32))) == 0x46DD794E
-  assert metrics.masked_crc32c(b"") == 0xA282EAD8  # crc32c(b"") == 0
-
-
-def test_record_bytes_literal():
-  data = metrics.encode_event(1.0, 3, values={"a": 2.0})
-  assert data == bytes.fromhex(
-      "09 000000000000f03f"  # wall_time: field 1, fixed64 double 1.0
-      "10 03"  # step: field 2, varint 3
-      "2a 0a"  # summary: field 5, 10 bytes
-      "0a 08"  # value: field 1, 8 bytes
-      "0a 01 61"  # tag "a"
-      "15 00000040")  # simple_value: field 2, fixed32 float 2.0
-  assert metrics.tfrecord(data) == bytes.fromhex(
-      "1700000000000000" "e7cef81e" + data.hex() + "b20c7b47")
-
-
-def test_encoding_agrees_with_protobuf():
-  Event = _event_class()
-  ev = Event.FromString(metrics.encode_event(12.5, -7, values={"loss": 0.25, "x/y": -3.0}))
-  assert (ev.wall_time, ev.step) == (12.5, -7)
-  assert [(v.tag, v.simple_value) for v in ev.summary.value] == [("loss", 0.25), ("x/y", -3.0)]
-  assert Event.FromString(metrics.encode_event(0.0, 0, file_version="brain.Event:2")
-                          ).file_version == "brain.Event:2"
-
-
-def test_reads_protobuf_written_file(tmp_path):
-  Event = _event_class()
-  path = tmp_path / "events.out.tfevents.1.h"
-  evs = [Event(wall_time=1.0, file_version="brain.Event:2"), Event(wall_time=2.0, step=5)]
-  evs[1].summary.value.add(tag="acc", simple_value=0.5)
-  evs[1].summary.value.add(tag="n", simple_value=3.0)
-  evs.append(Event(step=2**40))
-  evs[2].summary.value.add(tag="big", simple_value=1.0)
-  path.write_bytes(b"".join(metrics.tfrecord(e.SerializeToString()) for e in evs))
-  assert metrics.read_events(path) == [(5, {"acc": 0.5, "n": 3.0}), (2**40, {"big": 1.0})]
-
-
-def test_writer_round_trip(tmp_path):
-  w = metrics.EventFileWriter(tmp_path / "tb")
-  w.scalars(0, {"loss": 1.5, "acc": 0.25})
-  w.scalars(1, {"loss": math.nan, "acc": 0.5, "train/grad_norm": math.inf}, wall_time=3.0)
-  w.scalars(10, {"loss": -2.0, "huge": 1e300})
-  w.close()
-  w.close()
-  assert w.path.name.startswith("events.out.tfevents.")
-  assert w.path.name.endswith(".selfimprove")
-  events = metrics.read_events(w.path)
-  assert [s for s, _ in events] == [0, 1, 10]
-  assert events[0][1] == {"loss": 1.5, "acc": 0.25}
-  assert math.isnan(events[1][1]["loss"])
-  assert events[1][1]["acc"] == 0.5 and events[1][1]["train/grad_norm"] == math.inf
-  assert events[2][1] == {"loss": -2.0, "huge": math.inf}
-  first = _event_class().FromString(_payloads(w.path)[0])
-  assert first.file_version == "brain.Event:2" and not first.HasField("summary")
-
-
-@pytest.mark.parametrize("where", ["header", "header_crc", "data", "data_crc"])
-def test_corrupted_byte_names_file_and_offset(tmp_path, where):
-  w = metrics.EventFileWriter(tmp_path)
-  w.scalars(1, {"a": 1.0})
-  w.close()
-  raw = bytearray(w.path.read_bytes())
-  second = 16 + len(_payloads(w.path)[0])
-  size = len(raw) - second - 16
-  raw[second + {"header": 0, "header_crc": 9, "data": 12 + size // 2,
-                "data_crc": 13 + size}[where]] ^= 0x10
-  w.path.write_bytes(bytes(raw))
-  with pytest.raises(ValueError, match=rf"{w.path.name} at byte offset {second}: .*CRC"):
-    metrics.read_events(w.path)
-
-
-def test_truncated_event_file_raises(tmp_path):
-  w = metrics.EventFileWriter(tmp_path)
-  w.scalars(1, {"a": 1.0})
-  w.close()
-  w.path.write_bytes(w.path.read_bytes()[:-3])
-  with pytest.raises(ValueError, match="byte offset .*truncated"):
-    metrics.read_events(w.path)
+def read_events(path):
+  """``(step, {tag: simple_value})`` for every summary event of the event file at ``path``."""
+  return [(e.step, {v.tag: v.simple_value for v in e.summary.value})
+          for e in _events(path) if e.HasField("summary")]
 
 
 def _tb_files(workdir):
   return sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def _each_step_once(workdir):
+  """Every ``(tag, step)`` over all of the run's event files appears exactly once."""
+  seen = Counter((tag, step) for path in _tb_files(workdir)
+                 for step, values in read_events(path) for tag in values)
+  return {k: n for k, n in seen.items() if n != 1} == {}
+
+
 def test_metrics_log_writes_jsonl_and_tensorboard(tmp_path):
+  assert crc32c(b"123456789") == 0xE3069283  # so the reader's CRC checks mean something
   with metrics.MetricsLog(tmp_path) as log:
     log.write({"step": 1, "stage": "sft", "round": 0, "loss": 0.5, "ok": True, "name": "x"})
     log.write({"step": 2, "loss": math.nan, "n": 4})
+    log.write({"step": 3, "stage": "round", "bon_logprob@4": -1.5, "huge": 1e300})
     with pytest.raises(ValueError, match="int 'step'.*step=None"):
       log.write({"loss": 1.0})
     with pytest.raises(ValueError, match=r"step='3'"):
@@ -141,12 +71,17 @@ def test_metrics_log_writes_jsonl_and_tensorboard(tmp_path):
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l) for l in lines] == log.records() == [
       {"step": 1, "stage": "sft", "round": 0, "loss": 0.5, "ok": True, "name": "x"},
-      {"step": 2, "loss": None, "n": 4}]
+      {"step": 2, "loss": None, "n": 4},
+      {"step": 3, "stage": "round", "bon_logprob@4": -1.5, "huge": 1e300}]
   [tb] = _tb_files(tmp_path)
-  events = metrics.read_events(tb)
+  assert tb.name.endswith(".selfimprove")
+  first = _events(tb)[0]
+  assert first.file_version == "brain.Event:2" and not first.HasField("summary")
+  events = read_events(tb)
   assert events[0] == (1, {"sft/round": 0.0, "sft/loss": 0.5})
   assert events[1][0] == 2 and events[1][1]["n"] == 4.0 and math.isnan(events[1][1]["loss"])
-  assert len(events) == 2
+  assert events[2] == (3, {"round/bon_logprob@4": -1.5, "round/huge": math.inf})  # tag verbatim
+  assert len(events) == 3
 
 
 def test_metrics_log_resume_keeps_filtered_records(tmp_path):
@@ -165,9 +100,9 @@ def test_metrics_log_resume_keeps_filtered_records(tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".metrics")]
   [tb] = _tb_files(tmp_path)
   assert "stale" not in tb.name
-  assert metrics.read_events(tb) == [(r["step"], {"train/loss": r["loss"]}) for r in expected]
+  assert read_events(tb) == [(r["step"], {"train/loss": r["loss"]}) for r in expected]
   assert metrics.MetricsLog(tmp_path, keep=lambda r: False).records() == []
-  assert jsonl.read_text() == "" and metrics.read_events(_tb_files(tmp_path)[0]) == []
+  assert jsonl.read_text() == "" and read_events(_tb_files(tmp_path)[0]) == []
 
 
 def test_truncated_last_line_is_dropped(tmp_path):
@@ -233,7 +168,7 @@ def test_metrics_log_on_an_object_store_rewrites_on_flush_and_keeps_records_on_r
   log.flush()
   assert [json.loads(l) for l in (object_store / "metrics.jsonl").read_text().splitlines()] == \
       records[:3]
-  monkeypatch.setattr(metrics, "REMOTE_FLUSH_S", 0.0)  # a flush is due on every write now
+  monkeypatch.setattr(metrics, "FLUSH_S", 0.0)  # a flush is due on every write now
   log.write(records[3])
   assert len((object_store / "metrics.jsonl").read_text().splitlines()) == 4
   log.write(records[4])
@@ -245,4 +180,112 @@ def test_metrics_log_on_an_object_store_rewrites_on_flush_and_keeps_records_on_r
   assert [json.loads(l) for l in (object_store / "metrics.jsonl").read_text().splitlines()] == \
       expected
   [tb] = [p for p in (object_store / "tensorboard").iterdir() if p.name.startswith("events.")]
-  assert metrics.read_events(tb) == [(r["step"], {"train/loss": r["loss"]}) for r in expected]
+  assert read_events(tb) == [(r["step"], {"train/loss": r["loss"]}) for r in expected]
+
+
+def test_resumed_run_event_files_show_each_step_once(tmp_path):
+  """A loop-like log: train steps 1-6, then the round's eval at the round's first step (0).
+  The run dies after a checkpoint at round step 4; the rerun keeps steps 1-4 and redoes the rest."""
+  train = lambda s, loss: {"round": 1, "stage": "train", "step": s, "round_step": s, "loss": loss}
+  evaluation = lambda acc: {"round": 1, "stage": "eval", "step": 0, "acc": acc}
+  log = metrics.MetricsLog(tmp_path)
+  for s in range(1, 7):
+    log.write(train(s, s / 8))
+  log.write(evaluation(0.25))
+  log.flush()
+  del log  # killed: never closed
+  [old] = _tb_files(tmp_path)  # as if written by another process: a name the rerun cannot reuse
+  old.rename(old.with_name("events.out.tfevents.0.host.1.selfimprove"))
+  keep = lambda r: r["stage"] == "train" and r["round_step"] <= 4
+  with metrics.MetricsLog(tmp_path, keep=keep) as log:
+    for s in (5, 6):
+      log.write(train(s, 1.0 + s))
+    log.write(evaluation(0.5))
+  assert _each_step_once(tmp_path)
+  events = [e for path in _tb_files(tmp_path) for e in read_events(path)]
+  assert events == [(s, {"train/round": 1.0, "train/round_step": s, "train/loss": s / 8})
+                    for s in range(1, 5)] + [
+      (s, {"train/round": 1.0, "train/round_step": s, "train/loss": 1.0 + s}) for s in (5, 6)] + [
+      (0, {"eval/round": 1.0, "eval/acc": 0.5})]
+
+
+class _FakeWandb(types.ModuleType):
+  """Stands in for the ``wandb`` module: records what a run is told."""
+
+  def __init__(self):
+    super().__init__("wandb")
+    self.runs = []
+
+  def init(self, **kwargs):
+    run = types.SimpleNamespace(kwargs=kwargs, defined={}, logged=[], finished=False)
+    run.define_metric = lambda name, step_metric: run.defined.setdefault(name, step_metric)
+    run.log = lambda data: run.logged.append(dict(data))
+    run.finish = lambda: setattr(run, "finished", True)
+    self.runs.append(run)
+    return run
+
+
+def test_wandb_is_off_by_default_and_never_imported(tmp_path, monkeypatch):
+  monkeypatch.delitem(sys.modules, "wandb", raising=False)
+  with metrics.MetricsLog(tmp_path) as log:
+    log.write({"step": 1, "loss": 1.0})
+  with metrics.MetricsLog(tmp_path / "other", enabled=False, wandb={"project": "p"}) as log:
+    log.write({"step": 1, "loss": 1.0})
+  assert "wandb" not in sys.modules
+
+
+def test_wandb_gets_every_record_against_its_step_and_a_resume_replays_the_kept_ones(
+    tmp_path, monkeypatch):
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  settings = {"project": "p", "entity": "e", "mode": "offline"}
+  with metrics.MetricsLog(tmp_path, wandb=settings) as log:
+    log.write({"step": 1, "stage": "train", "loss": 0.5, "note": "x"})
+    log.write({"step": 2, "stage": "train", "loss": 0.25})
+    log.write({"step": 0, "stage": "eval", "bon_logprob@4": -1.0})  # an earlier step, kept
+  [run] = fake.runs
+  assert run.kwargs == settings and run.finished
+  assert run.logged == [{"train/loss": 0.5, "step": 1}, {"train/loss": 0.25, "step": 2},
+                        {"eval/bon_logprob@4": -1.0, "step": 0}]
+  assert run.defined == {"train/loss": "step", "eval/bon_logprob@4": "step"}
+
+  with metrics.MetricsLog(tmp_path, keep=lambda r: r["step"] == 1, wandb=settings) as log:
+    log.write({"step": 2, "stage": "train", "loss": 9.0})
+  resumed = fake.runs[1]
+  assert resumed.logged == [{"train/loss": 0.5, "step": 1}, {"train/loss": 9.0, "step": 2}]
+
+
+def test_the_loop_journal_starts_a_wandb_run_only_when_the_config_names_a_project(
+    tmp_path, monkeypatch):
+  from selfimprove_jax.loop import config as loop_config
+  from selfimprove_jax.loop.workdir import CONFIG_FILE, Journal, Workdir, commit
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+
+  def run(name, config, writer=True):
+    wd = Workdir.at(tmp_path / name)
+    commit(wd, config, writer=True)
+    journal = Journal(wd, writer=writer)
+    journal.open_metrics(lambda r: True)
+    journal.log(1, "train", 7, {"loss": 0.5})
+    journal.close()
+    return json.loads((wd.root / CONFIG_FILE).read_text())
+
+  config = loop_config.base_config()
+  run("default", config)
+  assert fake.runs == []
+  config.metrics.wandb.project, config.metrics.wandb.mode = "p", "offline"
+  saved = run("arm", config)
+  run("other_process", config, writer=False)
+  [wandb_run] = fake.runs
+  assert wandb_run.kwargs == {"project": "p", "mode": "offline", "name": "arm", "config": saved}
+  assert wandb_run.logged == [{"train/round": 1.0, "train/loss": 0.5, "step": 7}]
+  assert wandb_run.finished
+
+
+def test_importing_metrics_does_not_import_torch():
+  """tensorboardX would import torch (installed here for the parity tests) on the way."""
+  code = ("import sys; import selfimprove_jax.metrics; "
+          "assert 'torch' not in sys.modules, sys.modules.get('torch')")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=pathlib.Path(__file__).resolve().parents[1])

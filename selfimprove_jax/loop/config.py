@@ -178,6 +178,11 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, verify=True))
+  # metrics.jsonl is mirrored to WORKDIR/tensorboard, and to a Weights & Biases run when
+  # wandb.project is set (wandb is then imported; it is no dependency). entity / mode ("online",
+  # "offline", "disabled"): "" = wandb's defaults. A resumed run starts a new W&B run.
+  c.metrics = ml_collections.ConfigDict(dict(
+      wandb=ml_collections.ConfigDict(dict(project="", entity="", mode=""))))
   # A study (loop.study): arm name -> the keys it changes, nested as here; empty = one run.
   # order: the arms' run and report order (default by name); the first arm's base is shared.
   c.study = ml_collections.ConfigDict(dict(arms=ml_collections.ConfigDict(), order=()))

@@ -164,7 +164,19 @@ class Journal:
     self._evals: dict[int, dict] = {}
 
   def open_metrics(self, keep: Callable[[dict], bool]) -> None:
-    self.metrics = MetricsLog(self.workdir.root, keep=keep, enabled=self.writer)
+    self.metrics = MetricsLog(self.workdir.root, keep=keep, enabled=self.writer,
+                              wandb=self._wandb() if self.writer else None)
+
+  def _wandb(self) -> dict | None:
+    """``wandb.init`` arguments from ``metrics.wandb`` of the run's ``config.json`` (``commit``
+    writes it before the metrics open); None when no ``project`` is set."""
+    path = self.workdir.root / CONFIG_FILE
+    config = json.loads(path.read_text()) if path.exists() else {}
+    settings = config.get("metrics", {}).get("wandb", {})
+    if not settings.get("project"):
+      return None
+    return {"project": settings["project"], "name": self.workdir.root.name, "config": config,
+            **{k: settings[k] for k in ("entity", "mode") if settings.get(k)}}
 
   def close(self) -> None:
     if self.metrics is not None:
