@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.checkpoint import files, hf_config, hf_weights
+from selfimprove_jax.checkpoint import files, hf_config, hf_special, hf_weights
 from selfimprove_jax.checkpoint import safetensors_io as st
 from selfimprove_jax.models.config import TransformerConfig
 from selfimprove_jax.models.transformer import param_shardings
@@ -155,16 +155,9 @@ def _shards(plans: list[st.TensorPlan], max_bytes: int) -> list[list[st.TensorPl
   return groups
 
 
-def _special_ids(tokenizer: Tokenizer | None) -> dict[str, Any]:
-  if tokenizer is None:
-    return {}
-  stops = list(tokenizer.stop_ids)
-  return {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
-          "eos_token_id": stops[0] if len(stops) == 1 else stops}
-
-
 def save_hf(config: TransformerConfig, params: Any, out_dir: str | os.PathLike, *,
             tokenizer: Tokenizer | str | os.PathLike | None = None, chat_template: str | None = None,
+            source_dir: str | os.PathLike | None = None,
             merge_fn: Callable[[Any], Any] | None = None, dtype: str | None = None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
             progress: bool = False) -> str:
@@ -173,12 +166,20 @@ def save_hf(config: TransformerConfig, params: Any, out_dir: str | os.PathLike, 
   Everything is written into a temporary sibling directory renamed to ``out_dir`` at the end: a
   failure half-way leaves ``out_dir`` untouched.
 
+  Special ids: config.json always states ``bos_token_id``, ``eos_token_id`` and ``pad_token_id``,
+  each an id in [0, vocab_size), an EOS list, or null: from the tokenizer, else ``source_dir``, else
+  the family's published ids (the rules are in ``hf_special``). generation_config.json, where
+  ``generate`` reads its stop ids, is the tokenizer directory's, else (without a tokenizer)
+  ``source_dir``'s, copied verbatim and unchecked; else it is written with the same three ids.
+
   Args:
     config, params: the model; params may be sharded (each tensor is gathered to the host in turn).
     out_dir: destination (local or gs://).
     tokenizer: a ``Tokenizer`` (saved with its own ``save``) or a directory whose tokenizer,
       chat-template and generation-config files are copied verbatim.
     chat_template: written as chat_template.jinja when given.
+    source_dir: the HF checkpoint directory the params were imported from, if any: without a
+      tokenizer, its config.json gives the special ids and its generation_config.json is copied.
     merge_fn: ``params -> params`` applied before writing, e.g. merging LoRA adapters into the base
       weights so the export is a plain model.
     dtype: stored dtype ("float32", "bfloat16", "float16"); default ``config.param_dtype``.
@@ -199,7 +200,12 @@ def save_hf(config: TransformerConfig, params: Any, out_dir: str | os.PathLike, 
   if tokenizer is not None and tok_object is None:
     # Copied files: still read them, so config.json gets the right special-token ids.
     tok_object = files.load_dir_tokenizer(files.as_path(tokenizer))
-  hf_json = hf_config.config_to_hf(config, dtype=dtype, special_ids=_special_ids(tok_object))
+  source = files.as_path(source_dir) if source_dir is not None else None
+  if source is not None and not (source / "config.json").exists():
+    raise FileNotFoundError(f"source_dir={os.fspath(source_dir)!r} has no config.json")
+  source_json = json.loads((source / "config.json").read_text()) if source is not None else None
+  special = hf_special.resolve(config.family, config.vocab_size, tokenizer=tok_object, source=source_json)
+  hf_json = hf_config.config_to_hf(config, dtype=dtype, special_ids=special)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   code = st.CODES[np_dtype]
   specs = {s.name: s for s in hf_weights.tensor_specs(config)}
@@ -231,7 +237,9 @@ def save_hf(config: TransformerConfig, params: Any, out_dir: str | os.PathLike, 
       files.write_tokenizer(tokenizer, chat_template, tmp)
     elif chat_template is not None:
       (tmp / "chat_template.jinja").write_text(chat_template)
-    if tok_object is not None and not (tmp / "generation_config.json").exists():
-      gen = {k: v for k, v in _special_ids(tok_object).items() if v is not None}
-      (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if not (tmp / "generation_config.json").exists():
+      if tok_object is None and source is not None and (source / "generation_config.json").exists():
+        (source / "generation_config.json").copy(tmp / "generation_config.json")
+      else:
+        (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
   return os.fspath(out_dir)

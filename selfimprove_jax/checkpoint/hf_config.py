@@ -7,14 +7,15 @@ comes from ``rope_parameters`` (transformers 5) or the older ``rope_theta`` / ``
 yarn RoPE, biased output projections, partial rotary, bidirectional attention, quantized weights)
 raises ``ValueError`` naming the key and its value, never a silent approximation.
 
-Export writes every key explicitly in the transformers 5 layout, so the result does not depend on
-the reader's defaults.
+Export writes every key explicitly in the transformers 5 layout, special token ids included
+(``hf_special``), so the result does not depend on the reader's defaults.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from selfimprove_jax.checkpoint import hf_special
 from selfimprove_jax.models.config import RopeScaling, TransformerConfig
 
 
@@ -303,7 +304,8 @@ def config_to_hf(config: TransformerConfig, *, dtype: str | None = None,
   Args:
     config: the model.
     dtype: the stored weights' dtype name (default ``config.param_dtype``).
-    special_ids: optional ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` entries.
+    special_ids: the ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` entries; None writes
+      the family's published ids that fit the vocabulary (``hf_special.from_family``).
   Raises:
     ValueError: a knob the family's HF architecture cannot express, naming the field.
   """
@@ -327,7 +329,8 @@ def config_to_hf(config: TransformerConfig, *, dtype: str | None = None,
       "max_position_embeddings": config.max_len, "tie_word_embeddings": config.tie_embeddings,
       "dtype": dtype or config.param_dtype,
   }
-  out.update(special_ids or {})
+  out.update(hf_special.from_family(config.family, config.vocab_size) if special_ids is None
+             else special_ids)
   rope = _rope_to_dict(config.rope_theta, config.rope_scaling)
   if config.family in ("llama3", "mistral", "phi3"):
     if len(set(kinds)) > 1 or (config.family == "llama3" and "local" in kinds):
