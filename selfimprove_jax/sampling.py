@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfimprove_jax import multihost
+from selfimprove_jax.models import longrope
 from selfimprove_jax.models.transformer import KVCache, fork_cache, init_cache
 from selfimprove_jax.models.transformer import variables as model_variables
-from selfimprove_jax.scoring import token_logprobs
+from selfimprove_jax.scoring import score_forked, token_logprobs
 from selfimprove_jax.tokenizer.chat import render_chat
 
 FINISH_STOP = 0  # a stop token was generated (it is included in the completion)
@@ -60,6 +61,9 @@ class SampleOutput:
   included. finish_reason: (R,) ``FINISH_STOP`` or ``FINISH_LENGTH``. sampler_logprobs: (R, M) log-prob
   under the distribution actually sampled (temperature, top-k/p; 0 for greedy). model_logprobs: (R, M)
   under the unmodified model (T=1, no truncation): the self-reward's raw material. Both 0 past the end.
+  A longrope row longer than its ``original_max_len`` O draws the tokens at positions <= O with the
+  short factors (as ``transformers`` does), but its model_logprobs are all the teacher-forced
+  scorer's, long factors throughout (``models.longrope``); its sampler_logprobs stay those drawn.
   """
 
   tokens: jax.Array
@@ -169,6 +173,10 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
       use the unmodified distribution.
   Returns:
     ``SampleOutput`` with R rows.
+
+  A longrope model (Phi-3/3.5) whose rows can pass ``original_max_len`` (P + M larger) also traces
+  a recompute of a row's cache when it crosses, and a rescoring of the rows that end past it
+  (``models.longrope``); each runs only when some row needs it.
   """
   B, P = prompt_BxP.shape
   N, M = num_samples, max_new_tokens
@@ -186,6 +194,9 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
   logits_RxV = jnp.repeat(logits_BxV, N, axis=0)
   cache = fork_cache(cache, N, mesh, rules)
   next_pos_R = jnp.repeat(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32), N)
+  crossing = longrope.may_cross(model.config, P + M)
+  if crossing:
+    prompt_RxP, prompt_mask_RxP = (jnp.repeat(a, N, axis=0) for a in (prompt_BxP, prompt_mask_BxP))
 
   V = model.config.vocab_size
   in_vocab_V = jnp.arange(V) < (V if vocab_limit is None else vocab_limit)
@@ -218,12 +229,26 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
     pos_Rx1 = (next_pos_R + step - 1)[:, None]
     hidden_Rx1xD, cache = model.apply(variables, state.token_R[:, None], pos_Rx1,
                                       jnp.ones((R, 1), bool), cache=state.cache, return_hidden=True)
+    if crossing:  # a longrope row feeding position O: its cache is computed again, long factors
+      tokens_RxS = jnp.concatenate([prompt_RxP, state.out.tokens], axis=1)
+      mask_RxS = jnp.concatenate([prompt_mask_RxP, jnp.broadcast_to(jnp.arange(M) < step, (R, M))], 1)
+      hidden_Rx1xD, cache = longrope.recompute_at_crossing(
+          model, variables, tokens_RxS, mask_RxS, pos_Rx1[:, 0], ~state.done_R, hidden_Rx1xD, cache)
     logits_RxV = model.apply(variables, hidden_Rx1xD, method="logits")[:, 0]
     token_R, done_R, out = emit(state.out, step, logits_RxV, state.done_R, jax.random.fold_in(rng, step))
     return _LoopState(step=step, token_R=token_R, done_R=done_R, cache=cache, out=out)
 
   state = _LoopState(step=jnp.zeros((), jnp.int32), token_R=token_R, done_R=done_R, cache=cache, out=out)
-  return jax.lax.while_loop(cond, body, state).out
+  out = jax.lax.while_loop(cond, body, state).out
+  if not crossing:
+    return out
+  # Rows longer than O: the scorer's log-probs (long factors for every token, also those drawn
+  # with the short ones before the crossing).
+  long_R = longrope.long_rows(model.config, P + M, next_pos_R + out.lengths)
+  rescore = lambda o: o.replace(model_logprobs=jnp.where(long_R[:, None], score_forked(
+      model, params, prompt_BxP, prompt_mask_BxP, o.tokens, o.lengths, entropy=False,
+      self_certainty=False).token_logprobs_BxL, o.model_logprobs))
+  return jax.lax.cond(jnp.any(long_R), rescore, lambda o: o, out)
 
 
 # ------------------------------------------------------------------------------------- host API

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from selfimprove_jax import multihost
 from selfimprove_jax import sharding as sh
-from selfimprove_jax.models.transformer import Transformer, fork_cache, init_cache, positions_from_mask
+from selfimprove_jax.models import longrope
+from selfimprove_jax.models.transformer import Transformer, init_cache, positions_from_mask
 from selfimprove_jax.models.transformer import variables as model_variables
 
 
@@ -230,9 +231,9 @@ def score_forked(model: Transformer, params: Any, prompt_BxP: jax.Array, prompt_
   The prompts are prefilled into a KV cache once, the cache is forked to N rows per prompt, and
   the completions run in one cached pass over it; a prompt shared by N samples thus costs one
   forward instead of N, and only completion positions are projected onto the vocabulary. Equal to
-  ``score`` on ``completion_batch`` of the repeated prompts (to float rounding), with one
-  exception shared with sampling: a longrope model (Phi-3.5) whose prompt fits its original
-  context but whose completion runs past it keeps the prompt's short-context keys.
+  ``score`` on ``completion_batch`` of the repeated prompts (to float rounding), also for a
+  longrope model (Phi-3.5) whose prompt fits its original context but whose completion runs past
+  it: the prompt is then prefilled with both factor sets (``models.longrope.prefill_forked``).
 
   Args:
     prompt_BxP, prompt_mask_BxP: left-padded prompts (each with a real token), as for ``generate``.
@@ -252,17 +253,17 @@ def score_forked(model: Transformer, params: Any, prompt_BxP: jax.Array, prompt_
   variables = model_variables(params)
   prompt_mask_BxP = prompt_mask_BxP.astype(bool)
   prompt_BxP = jnp.where(prompt_mask_BxP, prompt_BxP, 0).astype(jnp.int32)
+  start_R = jnp.repeat(jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32), N)
+  long_R = longrope.long_rows(model.config, P + C, start_R + jnp.asarray(completion_lengths_R))
   cache = init_cache(model.config, B, P + C, mesh=model.mesh, rules=model.rules)
-  last_BxPxD, cache = model.apply(variables, prompt_BxP, None, prompt_mask_BxP, cache=cache,
-                                  return_hidden=True, prefill=True)
-  cache = fork_cache(cache, N, model.mesh, model.rules)
+  # The prompt's last state predicts the first completion token; each completion state the next.
+  first_Rx1xD, cache = longrope.prefill_forked(model, variables, prompt_BxP, prompt_mask_BxP,
+                                               cache, N, long_R)
   valid_RxC = jnp.arange(C) < jnp.asarray(completion_lengths_R)[:, None]
   completion_RxC = jnp.where(valid_RxC, completion_RxC, 0).astype(jnp.int32)
-  start_R = jnp.repeat(jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32), N)
   hidden_RxCxD, _ = model.apply(variables, completion_RxC, start_R[:, None] + jnp.arange(C),
-                                valid_RxC, cache=cache, return_hidden=True)
-  # The prompt's last state predicts the first completion token; each completion state the next.
-  first_Rx1xD = jnp.repeat(last_BxPxD[:, -1:], N, axis=0)
+                                valid_RxC, cache=cache, return_hidden=True,
+                                **longrope.rope_kwargs(long_R))
   prev_RxCxD = jnp.concatenate([first_Rx1xD, hidden_RxCxD[:, :-1]], axis=1)
   return _scores(model, variables, prev_RxCxD, completion_RxC, valid_RxC, chunk_size, entropy,
                  self_certainty)

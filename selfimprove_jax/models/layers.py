@@ -127,19 +127,25 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[np
   return inv, inv
 
 
-def rope_sin_cos(positions_BxT: jax.Array, head_dim: int, theta: float,
-                 scaling: RopeScaling) -> tuple[jax.Array, jax.Array]:
+def rope_sin_cos(positions_BxT: jax.Array, head_dim: int, theta: float, scaling: RopeScaling,
+                 long_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """sin and cos tables (B, T, R) in float32 for the given positions.
 
-  For longrope a row uses the long-context frequencies when any of its positions reaches
-  ``original_max_len``: decided on device per call and per row (so a row's scores do not depend on
-  its batch-mates), and a decode step crossing the boundary switches without recompiling.
+  For longrope a row uses the long-context frequencies at every position of the call when
+  ``long_B`` (bool (B,)) says so, or, with ``long_B`` None, when any of its positions reaches
+  ``original_max_len`` (its length passes it, the rule ``transformers`` applies to the whole
+  batch). Decided on device per call and per row, so a row's scores do not depend on its
+  batch-mates, and a decode step crossing the boundary switches without recompiling; keys cached
+  by earlier calls keep their rotation (``models.longrope`` recomputes them at a crossing).
+  ``long_B`` is ignored by the other kinds.
   """
   short, long = rope_inv_freq(head_dim, theta, scaling)
   inv_Bx1xR = jnp.asarray(short)[None, None, :]
   scale = 1.0
   if scaling.kind == "longrope":
-    use_long_Bx1x1 = (jnp.max(positions_BxT, axis=-1) + 1 > scaling.original_max_len)[:, None, None]
+    if long_B is None:
+      long_B = jnp.max(positions_BxT, axis=-1) + 1 > scaling.original_max_len
+    use_long_Bx1x1 = jnp.asarray(long_B, bool)[:, None, None]
     inv_Bx1xR = jnp.where(use_long_Bx1x1, jnp.asarray(long), inv_Bx1xR)
     scale = scaling.longrope_attention_factor
   angles_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_Bx1xR

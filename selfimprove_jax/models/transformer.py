@@ -165,8 +165,8 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                input_mask_BxT: jax.Array | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False, prefill: bool = False
-               ) -> tuple[jax.Array, KVCache | None]:
+               return_hidden: bool = False, prefill: bool = False,
+               long_rope_B: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the model.
 
     Args:
@@ -180,6 +180,9 @@ class Transformer(nn.Module):
         callers that project onto the vocabulary in chunks (see ``logits``).
       prefill: ``cache`` is empty (fresh from ``init_cache``): the tokens attend over themselves
         only, not over every cache slot, while their keys and values are stored.
+      long_rope_B: bool (B,), for longrope models only: True to rotate this call's tokens with the
+        long-context factors, False with the short ones; None picks long for a row whose positions
+        reach ``original_max_len`` (``layers.rope_sin_cos``).
     Returns:
       (logits_BxTxV float32 | hidden_BxTxD, updated cache or None).
     """
@@ -193,7 +196,8 @@ class Transformer(nn.Module):
 
     kinds = ["local" if local else "global" for local in cfg.layer_is_local]
     windows = {"global": NO_WINDOW, "local": cfg.sliding_window}
-    rope = {"global": rope_sin_cos(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+    rope = {"global": rope_sin_cos(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                   long_rope_B)}
     rope["local"] = rope["global"]
     if cfg.local_rope_theta is not None:
       rope["local"] = rope_sin_cos(positions_BxT, cfg.head_dim, cfg.local_rope_theta, RopeScaling())
