@@ -28,3 +28,10 @@ def fresh_workdir(tmp_path, smoke_base, name="run") -> pathlib.Path:
   workdir = tmp_path / name
   shutil.copytree(smoke_base, workdir / "base")
   return workdir
+
+
+def leftovers(workdir: pathlib.Path) -> list[pathlib.Path]:
+  """Temporaries a finished run must not leave: half-saved checkpoints (orbax's and ours),
+  half-deleted ones, half-written files."""
+  return [p for p in workdir.rglob("*") if ".orbax-checkpoint-tmp" in p.name
+          or ".deleting-" in p.name or p.name.endswith(".tmp")]

@@ -21,7 +21,7 @@ import pytest
 from selfimprove_jax import loop
 from selfimprove_jax.checkpoint import trees
 from selfimprove_jax.loop import updates
-from tests.loop_helpers import fresh_workdir, method_config
+from tests.loop_helpers import fresh_workdir, leftovers, method_config
 
 from tests.loop_helpers import REPO
 METHODS = ("sft_sharpening", "rlhf_sharpening", "xpo_sharpening", "star", "rest_em", "rft",
@@ -181,7 +181,7 @@ def test_finished_run_writes_the_report(one_round_run):
 
 
 def _params_file(workdir: pathlib.Path) -> pathlib.Path:
-  files = [p for p in (workdir / "round_001" / "params" / "tree").rglob("*")
+  files = [p for p in (workdir / "round_001" / "params").rglob("*")
            if p.is_file() and p.parent.name == "d" and "ocdbt" in str(p)]
   return max(files, key=lambda p: p.stat().st_size)
 
@@ -268,9 +268,7 @@ def _in_round_2(workdir) -> bool:
 
 
 def _restore(path):
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckptr:
-    return jax.device_get(ckptr.restore(path / "tree"))
+  return jax.device_get(trees.restore_tree(path))
 
 
 def _wait_until_working_on_round_2(proc, workdir, launched: float) -> None:
@@ -316,7 +314,7 @@ def test_sigkill_in_round_2_then_rerun_is_bit_identical(tmp_path, smoke_base):
     assert (victim / name).read_text() == (reference / name).read_text(), (name, kills)
   got, want = _restore(victim / "round_002" / "params"), _restore(reference / "round_002" / "params")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), got, want)
-  assert not list(victim.rglob(".*.tmp"))  # no temporaries left behind
+  assert not leftovers(victim)
 
 
 class _Crash(Exception):
@@ -404,7 +402,7 @@ def test_kill_in_the_windows_between_a_stage_and_its_mark_then_rerun_is_bit_iden
   assert "train" not in json.loads((victim / "progress.json").read_text())["completed"]["1"]
   loop.run(config, victim, progress_bars=False)
   _assert_same_run(victim, reference, [0, 1, 2])
-  assert not (victim / "round_001" / "train_state").exists()
+  assert not (victim / "round_001" / "train_state").exists() and not leftovers(victim)
 
   # (b) Dies the moment round 1's eval is marked done.
   real_mark = loop.workdir.Journal.mark_done

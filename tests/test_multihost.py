@@ -20,7 +20,7 @@ import pytest
 
 from selfimprove_jax import multihost
 from selfimprove_jax.data import pipeline
-from tests.loop_helpers import REPO, fresh_workdir
+from tests.loop_helpers import REPO, fresh_workdir, leftovers
 
 # One round of the sft_sharpening smoke config with 6 update steps, checkpointed every 2.
 OVERRIDES = ("--config.loop.num_rounds=1", "--config.train.epochs=6",
@@ -64,13 +64,8 @@ def _metrics(workdir) -> list[dict]:
 
 def _params(workdir):
   """Round 1's parameters, restored onto one device of this process (saved on a 2-device mesh)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = workdir / "round_001" / "params" / "tree"
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as ckptr:
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          ckptr.metadata(path).item_metadata.tree)
-    return jax.device_get(ckptr.restore(path, target))
+  from selfimprove_jax.checkpoint import trees  # pylint: disable=g-import-not-at-top
+  return jax.device_get(trees.restore_tree(workdir / "round_001" / "params"))
 
 
 def _assert_same_run(got, want) -> None:
@@ -79,7 +74,7 @@ def _assert_same_run(got, want) -> None:
   assert _metrics(got) == _metrics(want)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), _params(got),
                _params(want))
-  assert not list(got.rglob(".*.tmp"))
+  assert not leftovers(got)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +101,7 @@ def test_two_processes_equal_one_process(tmp_path, smoke_base, cache_dir, one_pr
 
 def _train_checkpoint(workdir) -> str | None:
   root = workdir / "round_001" / "train_state"
-  done = sorted(p.name for p in root.glob("step_*") if (p / "MANIFEST").exists()) \
+  done = sorted(p.name for p in root.glob("step_*") if (p / "commit_success.txt").exists()) \
       if root.exists() else []
   return done[-1] if done else None
 

@@ -166,11 +166,8 @@ class Loop:
     if trees.exists(ctx.workdir.params(round_index)):  # trained, killed before the mark
       check(ctx.workdir.params(round_index))
       return round_index, updates.saved_steps(ctx, round_index)
-    step = updates.latest_checkpoint(ctx, round_index)
-    if step is None:
-      return None
-    check(ctx.workdir.train_state(round_index, step))
-    return round_index, step
+    step = updates.latest_checkpoint(ctx, round_index)  # committed (orbax), not checksummed
+    return None if step is None else (round_index, step)
 
   def _keeper(self, resume: tuple[int, int] | None) -> Callable[[dict], bool]:
     """Which metrics records survive a restart: those of finished stages and of checkpointed

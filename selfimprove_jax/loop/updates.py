@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import tqdm
 
-from selfimprove_jax import scoring
+from selfimprove_jax import multihost, scoring
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.checkpoint import trees
 from selfimprove_jax.loop import config as loop_config
@@ -81,14 +81,18 @@ def pack(ctx: Context, prompt: list[int], completion: list[int]
   return one["tokens_BxL"][0], one["input_mask_BxL"][0], one["loss_mask_BxL"][0]
 
 
+def train_states(ctx: Context, r: int) -> trees.Checkpoints:
+  """Round ``r``'s train-state checkpoints: the newest one kept, saved asynchronously."""
+  return trees.Checkpoints(ctx.workdir.train_states(r), keep=1, async_save=True, verified=False)
+
+
 def latest_checkpoint(ctx: Context, r: int) -> int | None:
-  """Steps done at round ``r``'s newest complete train-state checkpoint, if any."""
-  root = ctx.workdir.train_states(r)
-  if not root.exists():
-    return None
-  steps = [int(p.name[5:]) for p in root.iterdir()
-           if p.name.startswith("step_") and trees.exists(p)]
-  return max(steps) if steps else None
+  """Steps done at round ``r``'s newest committed train-state checkpoint, if any."""
+  ckpts = train_states(ctx, r)
+  try:
+    return ckpts.latest()
+  finally:
+    ckpts.close()
 
 
 def _checkpointed(state: TrainState) -> dict[str, Any]:
@@ -96,21 +100,17 @@ def _checkpointed(state: TrainState) -> dict[str, Any]:
           "rng": jax.random.key_data(state.rng)}
 
 
-def save_state(ctx: Context, journal: Journal, r: int, state: TrainState, step: int) -> None:
-  """Checkpoints round ``r``'s train state after ``step`` steps; older ones are removed."""
+def save_state(ctx: Context, journal: Journal, ckpts: trees.Checkpoints, r: int,
+               state: TrainState, step: int) -> None:
+  """Checkpoints round ``r``'s train state after ``step`` steps, in the background; the older
+  one is removed once this one is committed."""
   journal.flush()  # a resume from this checkpoint keeps the records up to it
-  trees.save_tree(ctx.workdir.train_state(r, step), _checkpointed(state),
-                  meta={"round": r, "round_step": step})
-  if ctx.writer:
-    for p in ctx.workdir.train_states(r).iterdir():
-      if p.name.startswith("step_") and p.name != f"step_{step:06d}":
-        trees.delete(p)
+  ckpts.save(step, _checkpointed(state), meta={"round": r, "round_step": step})
 
 
-def restore_state(ctx: Context, r: int, state: TrainState, step: int) -> TrainState:
-  """``state`` (fresh, for its structure and shardings) with round ``r``'s checkpoint loaded."""
-  got = trees.restore_tree(ctx.workdir.train_state(r, step), _checkpointed(state),
-                           check=ctx.config.checkpoint.verify)
+def restore_state(ckpts: trees.Checkpoints, state: TrainState, step: int) -> TrainState:
+  """``state`` (fresh, for its structure and shardings) with checkpoint ``step`` loaded."""
+  got = ckpts.restore(step, _checkpointed(state))
   return state.replace(step=got["step"], params=got["params"], opt_state=got["opt_state"],
                        rng=jax.random.wrap_key_data(got["rng"]))
 
@@ -130,13 +130,11 @@ def saved_steps(ctx: Context, r: int) -> int | None:
 
 
 def drop_train_states(ctx: Context, r: int) -> None:
-  """Removes round ``r``'s train-state checkpoints, each one's manifest first, so a removal cut
-  short never leaves a directory a rerun takes for a checkpoint."""
-  root = ctx.workdir.train_states(r)
-  if ctx.writer and root.exists():
-    for p in root.iterdir():
-      trees.delete(p)
-    root.rmtree()
+  """Removes round ``r``'s train-state checkpoints (``trees.delete``: a removal cut short never
+  leaves something a rerun takes for a checkpoint)."""
+  if ctx.writer:
+    trees.delete(ctx.workdir.train_states(r))
+  multihost.sync("drop_train_states")
 
 
 def train(ctx: Context, journal: Journal, r: int, *, start: Any, total: int, desc: str,
@@ -152,22 +150,26 @@ def train(ctx: Context, journal: Journal, r: int, *, start: Any, total: int, des
                              params=start, lora_config=ctx.lora, reference_params=reference)
   step_fn = update_step(ctx, tuple(state.frozen or {}))
   learning_rate = schedule(ctx, total)
-  done = latest_checkpoint(ctx, r) or 0
-  if done:
-    state = restore_state(ctx, r, state, done)
-  if on_resume is not None:
-    on_resume(done)
-  offset = journal.progress.global_step(r)
-  bar = tqdm.trange(done, total, desc=desc, unit="step", leave=False, disable=not ctx.bars)
-  for i in bar:
-    batch, extra = step_batch(i, state)
-    state, metrics = run_step(step_fn, state, batch, learning_rate=learning_rate(i))
-    if after_step is not None:
-      after_step(i, extra, metrics)
-    bar.set_postfix({shown: f"{metrics[shown]:.3f}"})
-    journal.log(r, "train", offset + i + 1, metrics, round_step=i + 1)
-    if (i + 1) % ctx.config.checkpoint.every_steps == 0 or i + 1 == total:
-      save_state(ctx, journal, r, state, i + 1)
-  bar.close()
+  ckpts = train_states(ctx, r)
+  try:
+    done = ckpts.latest() or 0
+    if done:
+      state = restore_state(ckpts, state, done)
+    if on_resume is not None:
+      on_resume(done)
+    offset = journal.progress.global_step(r)
+    bar = tqdm.trange(done, total, desc=desc, unit="step", leave=False, disable=not ctx.bars)
+    for i in bar:
+      batch, extra = step_batch(i, state)
+      state, metrics = run_step(step_fn, state, batch, learning_rate=learning_rate(i))
+      if after_step is not None:
+        after_step(i, extra, metrics)
+      bar.set_postfix({shown: f"{metrics[shown]:.3f}"})
+      journal.log(r, "train", offset + i + 1, metrics, round_step=i + 1)
+      if (i + 1) % ctx.config.checkpoint.every_steps == 0 or i + 1 == total:
+        save_state(ctx, journal, ckpts, r, state, i + 1)
+    bar.close()
+  finally:
+    ckpts.close()  # waits for the last save to commit
   finish(ctx, r, state.params, total)
   return total

@@ -7,8 +7,9 @@ Layout::
   base/            the synthetic base model (model.source=synthetic), pretrained once
   metrics.jsonl    one record per train step / stage / round; tensorboard/ mirrors it
   summary.json     held-out metrics of the base and the last round (a finished run)
-  round_RRR/       samples.jsonl (offline) or samples/step_*.jsonl (online), train_state/step_*,
-                   params, eval_samples.jsonl, eval.json
+  round_RRR/       samples.jsonl (offline) or samples/step_*.jsonl (online), eval_samples.jsonl,
+                   eval.json, and two orbax CheckpointManager roots (``checkpoint.trees``):
+                   train_state/step_SSSSSS (the newest train state) and params/step_000000
 
 ``Journal`` is the one writer of progress, metrics and tables during a run; only process 0 writes
 files (``multihost.is_writer``), every process keeps the same records in memory.
@@ -69,8 +70,6 @@ class Workdir:
   def train_states(self, r: int) -> epath.Path:
     return self.round_dir(r) / "train_state"
 
-  def train_state(self, r: int, step: int) -> epath.Path:
-    return self.train_states(r) / f"step_{step:06d}"
 
   def eval_samples(self, r: int) -> epath.Path:
     return self.round_dir(r) / "eval_samples.jsonl"
