@@ -1,52 +1,70 @@
-"""Host-side helpers of the sandbox: dedicated uids, what an unprivileged uid can reach, reaping
-and removal. Used by ``sandbox.py`` only."""
+"""Host-side helpers of the sandbox: uid leases, what an unprivileged uid can reach, reading a
+run's pipes, reaping and removal. Used by ``sandbox.py`` only."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import pwd
-import shutil
+import selectors
+import signal
 import stat
 import subprocess
-import threading
 import time
+import warnings
 from collections.abc import Iterator
 
 UID_SLOTS = 64
+# Lease files live in the first of these that exists (the same choice in every process of a host).
+LEASE_PARENTS = ("/run/lock", "/tmp")
+LEASE_DIRNAME = "selfimprove-sandbox-uids"
+_EXIT_GRACE_S = 0.5  # how long output may keep flowing after stage 1 exited
+_STOP_GRACE_S = 1.0  # how long stage 1 gets to kill and reap pid 1 before it is SIGKILLed
 
 
 class SandboxError(RuntimeError):
   """The sandbox itself could not be set up (the program never ran); never a verdict."""
 
 
-class UidPool:
-  """Hands out dedicated uids so concurrent runs never share one (RLIMIT_NPROC and the reaper
-  both act on a whole uid). Process-wide, because two pools sharing a uid would break both."""
+# ------------------------------------------------------------------------------ uids
 
-  def __init__(self):
-    self._cond = threading.Condition()
-    self._busy: set[int] = set()
-
-  @contextlib.contextmanager
-  def slot(self, base: int) -> Iterator[int]:
-    with self._cond:
-      while True:
-        free = [u for u in range(base, base + UID_SLOTS) if u not in self._busy]
-        if free:
-          uid = free[0]
-          self._busy.add(uid)
-          break
-        self._cond.wait()
-    try:
-      yield uid
-    finally:
-      with self._cond:
-        self._busy.discard(uid)
-        self._cond.notify()
+def _lease_dir() -> str:
+  parent = next((p for p in LEASE_PARENTS if os.path.isdir(p)), None)
+  if parent is None:
+    raise SandboxError(f"none of {LEASE_PARENTS} exists to hold the sandbox uid leases")
+  path = os.path.join(parent, LEASE_DIRNAME)
+  with contextlib.suppress(FileExistsError):
+    os.mkdir(path, 0o700)
+  st = os.lstat(path)
+  if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    raise SandboxError(f"{path} must be a directory of uid {os.geteuid()} that nobody else can "
+                       f"write (mode {stat.filemode(st.st_mode)}, uid {st.st_uid})")
+  return path
 
 
-UIDS = UidPool()
+@contextlib.contextmanager
+def lease_uid(base: int) -> Iterator[int]:
+  """Holds one of the uids ``base .. base + UID_SLOTS - 1`` that no other run on this host holds:
+  an exclusive flock on its lease file, across processes and threads alike (each attempt opens
+  its own file description). The kernel drops the lock when the holder dies, so a crashed
+  caller's uid is free again (its leftover processes are reaped by the next holder)."""
+  directory = _lease_dir()
+  while True:
+    for uid in range(base, base + UID_SLOTS):
+      fd = os.open(os.path.join(directory, f"uid-{uid}.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        continue
+      try:
+        yield uid
+      finally:
+        os.close(fd)
+      return
+    time.sleep(0.01)  # all leased: wait for one
 
 
 def check_uid_unused(uid: int) -> None:
@@ -98,11 +116,127 @@ def reap_uid(uid: int, python: str) -> None:
     time.sleep(0.01)
 
 
-def remove_tree(path: str) -> None:
-  def unlock_and_retry(func, failed, _):
-    # The program may have chmod'ed its own files/dirs to 000; root ignores that, owners do not.
-    with contextlib.suppress(OSError):
-      os.chmod(os.path.dirname(failed), 0o700)
-      os.chmod(failed, 0o700)
-    func(failed)
-  shutil.rmtree(path, onerror=unlock_and_retry)
+# ------------------------------------------------------------------------------ one run's pipes
+
+def exited(pid: int) -> bool:
+  """Whether ``pid`` has exited, without reaping it (a zombie leader keeps its pgid reserved)."""
+  return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def collect(proc: subprocess.Popen, deadline: float, caps: dict[int, int]):
+  """Reads the pipes in ``caps`` until all close, the deadline passes, stage 1 has been gone for
+  a grace period, or a pipe exceeds its cap. Returns (bytes per fd, over cap per fd, stop)."""
+  bufs = {fd: bytearray() for fd in caps}
+  over = {fd: False for fd in caps}
+  sel = selectors.DefaultSelector()
+  for fd in caps:
+    sel.register(fd, selectors.EVENT_READ)
+  stop, exit_deadline = None, None
+  with sel:
+    while sel.get_map() and stop is None:
+      now = time.monotonic()
+      if now >= deadline:
+        stop = "timeout"
+        break
+      if exit_deadline is None and exited(proc.pid):
+        exit_deadline = now + _EXIT_GRACE_S
+      if exit_deadline is not None and now >= exit_deadline:
+        break
+      for key, _ in sel.select(min(0.05, deadline - now)):
+        chunk = os.read(key.fd, 1 << 16)
+        if not chunk:
+          sel.unregister(key.fd)
+          continue
+        room = caps[key.fd] - len(bufs[key.fd])
+        bufs[key.fd] += chunk[:room]
+        if len(chunk) > room:
+          over[key.fd] = True
+          stop = "output_limit"
+  return bufs, over, stop
+
+
+def stop(proc: subprocess.Popen) -> None:
+  """Ends a run and reaps stage 1 (see ``_sandbox_child``: SIGUSR1 first, then SIGKILL)."""
+  if not exited(proc.pid):
+    os.kill(proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + _STOP_GRACE_S
+    while not exited(proc.pid) and time.monotonic() < deadline:
+      time.sleep(0.002)
+  with contextlib.suppress(ProcessLookupError):
+    os.killpg(proc.pid, signal.SIGKILL)  # the leader is not reaped yet, so this pgid is still ours
+  proc.wait()
+
+
+def read_lines(fd: int, limit: int = 1 << 20) -> list[bytes]:
+  """What is left in a pipe whose writers are all gone, as lines (at most ``limit`` bytes)."""
+  data = bytearray()
+  os.set_blocking(fd, False)
+  with contextlib.suppress(BlockingIOError):
+    while len(data) < limit:
+      chunk = os.read(fd, 1 << 16)
+      if not chunk:
+        break
+      data += chunk
+  os.close(fd)
+  return bytes(data[:limit]).splitlines()
+
+
+# ------------------------------------------------------------------------------ removal
+
+def remove_tree(path: str) -> int:
+  """Removes the work directory ``path`` and everything in it; returns the size of its largest
+  regular file. Never recurses and never raises (a failure is a RuntimeWarning): the directory
+  is first taken back (owner: this process, mode 0700, so a sandbox uid loses access even if
+  removal fails); then every directory inside it is emptied one at a time, its subdirectories
+  renamed up into ``path`` itself, so depth and path length never matter."""
+  largest = 0
+  try:
+    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+  except FileNotFoundError:
+    return 0
+  except OSError as e:
+    warnings.warn(f"sandbox: could not remove work directory {path}: {e}", RuntimeWarning)
+    return 0
+  try:
+    os.fchown(top, os.geteuid(), os.getegid())
+    os.fchmod(top, 0o700)
+    moved = 0
+    while True:
+      with os.scandir(top) as it:
+        names = [entry.name for entry in it]
+      if not names:
+        break
+      taken = set(names)
+      for name in names:
+        st = os.stat(name, dir_fd=top, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+          if stat.S_ISREG(st.st_mode):
+            largest = max(largest, st.st_size)
+          os.unlink(name, dir_fd=top)
+          continue
+        os.chmod(name, 0o700, dir_fd=top)  # the program may have locked its own directories
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+        try:
+          with os.scandir(sub) as it:
+            inner = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
+          for child, is_dir in inner:
+            if is_dir:
+              while f".removing-{moved}" in taken:
+                moved += 1
+              taken.add(f".removing-{moved}")
+              os.rename(child, f".removing-{moved}", src_dir_fd=sub, dst_dir_fd=top)
+            else:
+              st = os.stat(child, dir_fd=sub, follow_symlinks=False)
+              if stat.S_ISREG(st.st_mode):
+                largest = max(largest, st.st_size)
+              os.unlink(child, dir_fd=sub)
+        finally:
+          os.close(sub)
+        os.rmdir(name, dir_fd=top)
+    os.rmdir(path)
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(f"sandbox: could not remove work directory {path}: {type(e).__name__}: {e}",
+                  RuntimeWarning)
+  finally:
+    os.close(top)
+  return largest

@@ -11,12 +11,15 @@ Every program runs in its own child process tree, started in a new session, with
     ``python -I`` (no PYTHON* variables, no user site, no script directory on sys.path), stdin
     from /dev/null;
   * a fresh private work directory (mode 0700) holding ``main.py``, removed afterwards whatever
-    happened, timeouts included;
+    happened (timeouts, trees thousands of levels deep, directories chmod'ed to 000). Removal never
+    recurses and never raises; it first takes the directory back (owner: the caller, mode 0700),
+    so if it fails (a RuntimeWarning) no later program can enter what is left;
   * ``socket.socket`` refusing AF_INET/AF_INET6 and ``create_connection``/``create_server``/
     ``getaddrinfo`` raising, before ``main.py`` runs (a guard, not a wall: ``_socket`` bypasses it).
 When the parent runs as root (the case on this project's machines) the child also drops to a
-dedicated unprivileged uid/gid (one per concurrent run, from ``uid_base``; no supplementary groups):
-this is what makes RLIMIT_NPROC bite at all (the kernel exempts root), stops the child from
+dedicated unprivileged uid/gid (no supplementary groups), leased host-wide: an flock on one lease
+file per uid (in /run/lock/selfimprove-sandbox-uids, else /tmp/...), so two grading processes on
+one host (that share /run/lock) never share a uid. The uid drop is what makes RLIMIT_NPROC bite at all (the kernel exempts root), stops the child from
 signalling or reading /proc/<pid>/environ of the caller's processes, from writing anywhere the
 caller's files live, and lets the parent kill every leftover process of that uid after the run.
 Where the kernel allows unprivileged user namespaces (``isolation="auto"`` uses them when it can,
@@ -58,7 +61,6 @@ import math
 import os
 import pathlib
 import secrets
-import selectors
 import shutil
 import signal
 import stat
@@ -78,8 +80,6 @@ STATUSES = ("passed", "failed", "timeout", "cpu_limit", "memory", "process_limit
             "file_size_limit", "output_limit", "killed")
 _EXIT_STATUS = {child.EXIT_MEMORY: "memory", child.EXIT_PROCESS_LIMIT: "process_limit",
                 child.EXIT_FILE_SIZE: "file_size_limit"}
-_EXIT_GRACE_S = 0.5  # how long output may keep flowing after the main process exited
-_STOP_GRACE_S = 1.0  # how long stage 1 gets to kill and reap pid 1 before it is SIGKILLed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,54 +179,6 @@ def _interpreter(config: SandboxConfig, dropping: bool) -> str:
 
 # ------------------------------------------------------------------------------ one run
 
-def _exited(pid: int) -> bool:
-  """Whether ``pid`` has exited, without reaping it (a zombie leader keeps its pgid reserved)."""
-  return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
-
-def _collect(proc: subprocess.Popen, deadline: float, caps: dict[int, int]):
-  """Reads stdout/stderr until both close, the deadline passes or a stream exceeds its cap."""
-  bufs = {fd: bytearray() for fd in caps}
-  over = {fd: False for fd in caps}
-  sel = selectors.DefaultSelector()
-  for fd in caps:
-    sel.register(fd, selectors.EVENT_READ)
-  stop, exit_deadline = None, None
-  with sel:
-    while sel.get_map() and stop is None:
-      now = time.monotonic()
-      if now >= deadline:
-        stop = "timeout"
-        break
-      if exit_deadline is None and _exited(proc.pid):
-        exit_deadline = now + _EXIT_GRACE_S
-      if exit_deadline is not None and now >= exit_deadline:
-        break
-      for key, _ in sel.select(min(0.05, deadline - now)):
-        chunk = os.read(key.fd, 1 << 16)
-        if not chunk:
-          sel.unregister(key.fd)
-          continue
-        room = caps[key.fd] - len(bufs[key.fd])
-        bufs[key.fd] += chunk[:room]
-        if len(chunk) > room:
-          over[key.fd] = True
-          stop = "output_limit"
-  return bufs, over, stop
-
-
-def _stop(proc: subprocess.Popen) -> None:
-  """Ends a run and reaps stage 1 (see ``_sandbox_child``: SIGUSR1 first, then SIGKILL)."""
-  if not _exited(proc.pid):
-    os.kill(proc.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + _STOP_GRACE_S
-    while not _exited(proc.pid) and time.monotonic() < deadline:
-      time.sleep(0.002)
-  with contextlib.suppress(ProcessLookupError):
-    os.killpg(proc.pid, signal.SIGKILL)  # the leader is not reaped yet, so this pgid is still ours
-  proc.wait()
-
-
 def _read_report(fd: int) -> dict | None:
   """The child's one-line JSON report, or None if it wrote none (every writer is gone by now)."""
   with os.fdopen(fd, "rb") as f:
@@ -261,12 +213,12 @@ def run_program(program: str, config: SandboxConfig = SandboxConfig()) -> Sandbo
   dropping = os.geteuid() == 0
   python = _interpreter(config, dropping)
   with contextlib.ExitStack() as stack:
-    uid = stack.enter_context(host.UIDS.slot(config.uid_base)) if dropping else None
+    uid = stack.enter_context(host.lease_uid(config.uid_base)) if dropping else None
     if uid is not None:
       host.check_uid_unused(uid)
       host.reap_uid(uid, python)  # leftovers of an earlier, crashed caller
     workdir = tempfile.mkdtemp(prefix="sandbox-", dir=config.workdir_parent)
-    stack.callback(host.remove_tree, workdir)
+    stack.callback(host.remove_tree, workdir)  # never raises: the verdict stands
     if uid is not None and not host.others_can(os.path.dirname(workdir), 0):
       raise SandboxError(f"work directory parent {os.path.dirname(workdir)!r} is not traversable "
                          f"by the sandbox uid; set SandboxConfig.workdir_parent")
@@ -305,9 +257,9 @@ def _launch(config: SandboxConfig, python: str, uid: int | None, workdir: str) -
     marker = b"\n" + token + b"\n"
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     caps = {out_fd: config.max_output_bytes + len(marker), err_fd: config.max_output_bytes}
-    bufs, over, stopped = _collect(proc, start + config.timeout_s, caps)
+    bufs, over, stopped = host.collect(proc, start + config.timeout_s, caps)
   finally:
-    _stop(proc)
+    host.stop(proc)
     proc.stdout.close()
     proc.stderr.close()
     if uid is not None:
