@@ -266,7 +266,7 @@ def test_the_loop_journal_starts_a_wandb_run_only_when_the_config_names_a_projec
     wd = Workdir.at(tmp_path / name)
     commit(wd, config, writer=True)
     journal = Journal(wd, writer=writer)
-    journal.open_metrics(lambda r: True)
+    journal.open_metrics(lambda r: True, config)
     journal.log(1, "train", 7, {"loss": 0.5})
     journal.close()
     return json.loads((wd.root / CONFIG_FILE).read_text())

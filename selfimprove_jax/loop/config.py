@@ -18,6 +18,8 @@ Sections:
   train       loss and its options, optimizer, LoRA.
   eval        held-out evaluation after every round (greedy, T=1, best-of-k).
   checkpoint  how often the train state is saved inside a round, and checksum verification.
+  metrics     optional Weights & Biases mirror of metrics.jsonl.
+  profile     a window of update steps (and one sampling call) traced with jax.profiler.
 """
 from __future__ import annotations
 
@@ -183,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
   # "offline", "disabled"): "" = wandb's defaults. A resumed run starts a new W&B run.
   c.metrics = ml_collections.ConfigDict(dict(
       wandb=ml_collections.ConfigDict(dict(project="", entity="", mode=""))))
+  # jax.profiler traces into WORKDIR/tensorboard (``selfimprove_jax.profiling``): global update
+  # steps start_step .. start_step + num_steps - 1 (1-based), and the run's first sampling call.
+  # num_steps=0: off.
+  c.profile = ml_collections.ConfigDict(dict(start_step=1, num_steps=0))
   # A study (loop.study): arm name -> the keys it changes, nested as here; empty = one run.
   # order: the arms' run and report order (default by name); the first arm's base is shared.
   c.study = ml_collections.ConfigDict(dict(arms=ml_collections.ConfigDict(), order=()))
@@ -287,6 +293,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"every k must be in [1, eval.num_samples={c.eval.num_samples}]")
   _check("checkpoint.every_steps", c.checkpoint.every_steps, c.checkpoint.every_steps >= 1,
          "must be >= 1")
+  _check("profile.num_steps", c.profile.num_steps, c.profile.num_steps >= 0, "must be >= 0")
+  _check("profile.start_step", c.profile.start_step, c.profile.start_step >= 1,
+         "must be >= 1 (global update steps count from 1)")
 
 
 def loss_options(c: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from selfimprove_jax import multihost
+from selfimprove_jax import multihost, profiling
 from selfimprove_jax import scoring
 from selfimprove_jax import sharding as sh
 from selfimprove_jax.checkpoint import trees
@@ -103,6 +103,12 @@ class Context:
       return _synthetic_base(self)
     return init_params(self.model_config, jax.random.key(self.config.seed), self.mesh,
                        sh.TRAIN_RULES)
+
+  @functools.cached_property
+  def profiler(self) -> profiling.Profiler:
+    """The run's ``jax.profiler`` window (``profile.*``; every process traces its own host)."""
+    p = self.config.profile
+    return profiling.Profiler(self.workdir.root / "tensorboard", p.start_step, p.num_steps)
 
   def key(self, round_index: int, stage: str, step: int = 0) -> jax.Array:
     """The key of (seed, round, stage, step): a stage redone after a crash draws the same."""

@@ -77,7 +77,7 @@ class Loop:
     todo = self.pending()
     resume = self._resume_point(todo)  # restores (and so verifies) checkpoints before any write
     commit(ctx.workdir, ctx.config, ctx.writer)
-    journal.open_metrics(self._keeper(resume))
+    journal.open_metrics(self._keeper(resume), ctx.config)
     try:
       if todo:  # every stage reads the base: load (or pretrain) it first, timed on its own
         start = time.perf_counter()
@@ -96,6 +96,7 @@ class Loop:
       else:
         self._finish(todo, started)
     finally:
+      ctx.profiler.close()
       journal.close()
     evals = [int(r) for r, done in journal.progress.completed.items() if "eval" in done]
     last = max(evals, default=0)

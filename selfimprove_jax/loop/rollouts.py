@@ -80,8 +80,9 @@ def generate(ctx: Context, sample: Sampler, examples: Sequence[dict],
                   disable=not ctx.bars)
   for chunk, start in enumerate(range(0, len(prompt_ids), c.batch_size)):
     ids = prompt_ids[start:start + c.batch_size]
-    out = sample(ids, num_samples, rng=jax.random.fold_in(key, chunk), temperature=temperature,
-                 top_k=c.top_k, top_p=c.top_p)
+    with ctx.profiler.sampling_call():
+      out = sample(ids, num_samples, rng=jax.random.fold_in(key, chunk),
+                   temperature=temperature, top_k=c.top_k, top_p=c.top_p)
     for b in range(len(ids)):
       example = examples[start + b]
       for n in range(num_samples):

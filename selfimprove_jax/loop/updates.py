@@ -161,7 +161,9 @@ def train(ctx: Context, journal: Journal, r: int, *, start: Any, total: int, des
     bar = tqdm.trange(done, total, desc=desc, unit="step", leave=False, disable=not ctx.bars)
     for i in bar:
       batch, extra = step_batch(i, state)
+      ctx.profiler.before_step(offset + i + 1)
       state, metrics = run_step(step_fn, state, batch, learning_rate=learning_rate(i))
+      ctx.profiler.after_step(offset + i + 1, state)
       if after_step is not None:
         after_step(i, extra, metrics)
       bar.set_postfix({shown: f"{metrics[shown]:.3f}"})

@@ -31,7 +31,9 @@ from selfimprove_jax.metrics import MetricsLog
 
 CONFIG_FILE, PROGRESS_FILE = "config.json", "progress.json"
 # Keys a rerun may change: more rounds extend a finished run.
-RESUMABLE_CHANGES = ("loop.num_rounds",)
+# Keys a rerun may change without changing what the run computes.
+RESUMABLE_CHANGES = ("loop.num_rounds", "metrics.wandb.project", "metrics.wandb.entity",
+                     "metrics.wandb.mode", "profile.start_step", "profile.num_steps")
 
 
 class WorkdirError(ValueError):
@@ -162,20 +164,21 @@ class Journal:
     self._table: tuple[int, list[dict]] | None = None
     self._evals: dict[int, dict] = {}
 
-  def open_metrics(self, keep: Callable[[dict], bool]) -> None:
+  def open_metrics(self, keep: Callable[[dict], bool],
+                   config: ml_collections.ConfigDict | None = None) -> None:
+    """Opens the metrics log, keeping the records ``keep`` accepts; ``config`` (the run's)
+    names a Weights & Biases project in ``metrics.wandb`` to mirror them to."""
     self.metrics = MetricsLog(self.workdir.root, keep=keep, enabled=self.writer,
-                              wandb=self._wandb() if self.writer else None)
+                              wandb=self._wandb(config) if self.writer and config else None)
 
-  def _wandb(self) -> dict | None:
-    """``wandb.init`` arguments from ``metrics.wandb`` of the run's ``config.json`` (``commit``
-    writes it before the metrics open); None when no ``project`` is set."""
-    path = self.workdir.root / CONFIG_FILE
-    config = json.loads(path.read_text()) if path.exists() else {}
-    settings = config.get("metrics", {}).get("wandb", {})
-    if not settings.get("project"):
+  def _wandb(self, config: ml_collections.ConfigDict) -> dict | None:
+    """``wandb.init`` arguments from ``config.metrics.wandb``; None when no project is set."""
+    settings = config.metrics.wandb
+    if not settings.project:
       return None
-    return {"project": settings["project"], "name": self.workdir.root.name, "config": config,
-            **{k: settings[k] for k in ("entity", "mode") if settings.get(k)}}
+    return {"project": settings.project, "name": self.workdir.root.name,
+            "config": config_json(config),
+            **{k: settings[k] for k in ("entity", "mode") if settings[k]}}
 
   def close(self) -> None:
     if self.metrics is not None:
