@@ -13,12 +13,12 @@ import time
 import pytest
 
 from selfimprove_jax import verifiers as v
-from selfimprove_jax.verifiers import _sandbox_host, sandbox
+from selfimprove_jax.verifiers import _sandbox_host
 
 CFG = v.SandboxConfig(timeout_s=1.5, memory_bytes=256 << 20, max_processes=12,
                       max_output_bytes=4096, file_size_bytes=1 << 20)
 ALL_LAYERS = ("uid_drop", "user_namespace", "network_namespace", "pid_namespace",
-              "read_only_filesystem")
+              "read_only_filesystem", "socket_filter")
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +224,9 @@ def test_network_connection_bypassing_the_guard_fails(layers, listener):
   port = listener.getsockname()[1]
   program = f"""
 import _socket
-s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-s.settimeout(1)
 try:
+  s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+  s.settimeout(1)
   s.connect(("127.0.0.1", {port}))
   print("CONNECTED")
 except OSError as e:
@@ -279,8 +279,13 @@ def test_setup_failure_raises_instead_of_judging():
     v.run_program("print(1)", v.SandboxConfig(python="/nonexistent/python3"))
 
 
-def test_status_table_is_consistent():
-  assert set(sandbox._EXIT_STATUS.values()) < set(v.STATUSES)
+def test_returncode_and_detail_are_what_the_parent_saw():
+  result = _run_contained("import os\nos._exit(3)", status="failed")
+  assert (result.returncode, result.detail) == (3, "exit status 3 before its end")
+  result = _run_contained("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
+                          status="killed")
+  assert result.returncode == -15 and result.detail.startswith("killed by SIGTERM")
+  assert set(v.STATUSES) >= {"passed", "failed", "killed", "cpu_limit"}
 
 
 # ------------------------------------------------------------------------------ MBPP-style

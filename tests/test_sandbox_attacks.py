@@ -3,11 +3,14 @@
 One test (or parametrized family) per item; each reproduced the escape before the fix. Parts that
 need a layer this machine may lack (root for the uid drop, user namespaces) skip with the reason.
 """
+import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 import pytest
@@ -25,6 +28,66 @@ needs_root = pytest.mark.skipif(not _ROOT, reason="the uid drop and setuid need 
 def _live_sandbox_processes():
   return [pid for uid in range(CFG.uid_base, CFG.uid_base + _sandbox_host.UID_SLOTS)
           for pid in _sandbox_host.processes_of(uid)] if _ROOT else []
+
+
+# ------------------------------------------------------------------ 1. unix path sockets
+
+@pytest.fixture
+def unix_listeners():
+  """A world-writable AF_UNIX stream and datagram listener under /tmp, like D-Bus or /dev/log."""
+  directory = tempfile.mkdtemp(prefix="unix-listener-")
+  os.chmod(directory, 0o755)
+  stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  stream.bind(os.path.join(directory, "stream.sock"))
+  stream.listen(8)
+  stream.setblocking(False)
+  dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+  dgram.bind(os.path.join(directory, "dgram.sock"))
+  dgram.setblocking(False)
+  for name in ("stream.sock", "dgram.sock"):
+    os.chmod(os.path.join(directory, name), 0o777)
+  yield directory, stream, dgram
+  stream.close()
+  dgram.close()
+  for name in ("stream.sock", "dgram.sock"):
+    os.remove(os.path.join(directory, name))
+  os.rmdir(directory)
+
+
+_UNIX_ATTACKS = {
+    "socket_module": "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                     "s.connect(STREAM)",
+    "raw_socket": "import _socket\ns = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+                  "s.connect(STREAM)",
+    "ctypes_syscall": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                      "fd = libc.socket(1, 1, 0)\n"
+                      "if fd < 0: raise OSError(ctypes.get_errno(), 'socket')\n"
+                      "import _socket\ns = _socket.socket(fileno=fd)\ns.connect(STREAM)",
+    "socketpair_sendto": "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                         "a.sendto(b'hello', DGRAM)",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(_UNIX_ATTACKS))
+def test_unix_path_sockets_of_the_host_are_unreachable(unix_listeners, attack):
+  directory, stream, dgram = unix_listeners
+  program = (f"import socket\nSTREAM = {os.path.join(directory, 'stream.sock')!r}\n"
+             f"DGRAM = {os.path.join(directory, 'dgram.sock')!r}\n"
+             f"try:\n{textwrap.indent(_UNIX_ATTACKS[attack], '  ')}\n  print('REACHED')\n"
+             f"except OSError as e:\n  print('blocked', type(e).__name__)\n")
+  result = v.run_program(program, CFG)
+  assert result.status == "passed" and result.stdout.startswith("blocked"), result
+  with pytest.raises(BlockingIOError):
+    stream.accept()
+  with pytest.raises(BlockingIOError):
+    dgram.recv(64)
+
+
+def test_a_connected_unix_stream_pair_still_works():
+  """What the socket filter leaves: socket.socketpair() (asyncio's self-pipe), no path involved."""
+  program = "import socket\na, b = socket.socketpair()\na.sendall(b'ping')\nprint(b.recv(4))"
+  result = v.run_program(program, CFG)
+  assert (result.status, result.stdout) == ("passed", "b'ping'\n"), result
 
 
 # ------------------------------------------------------------------ 2. a deep directory tree
@@ -107,3 +170,74 @@ def test_two_grading_processes_do_not_share_a_uid():
   assert (status, stdout.split("\n")[1:]) == ("passed", ["alive", ""]), (out, err)
   assert all(r.passed for r in ours), ours
   assert ours[0].stdout.strip() != stdout.split()[0]  # the first ran while the other's did
+
+
+# ------------------------------------------------------------------ 5. non-root with threads
+
+_NON_ROOT_CALLER = """
+import json, os, sys, threading
+from selfimprove_jax import verifiers as v  # imported as root: the base interpreter is root-only
+uid = int(sys.argv[1])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(40)]
+for t in threads:
+  t.start()
+program = "import os\\nfor _ in range(4):\\n  if os.fork() == 0:\\n    os._exit(0)\\n  os.wait()\\nprint('forked')"
+try:
+  r = v.run_program(program, v.SandboxConfig(timeout_s=10))
+  print(json.dumps([os.geteuid(), r.status, r.stdout]))
+except Exception as e:
+  print(json.dumps([os.geteuid(), type(e).__name__, str(e)]))
+finally:
+  stop.set()
+"""
+
+
+@needs_root
+def test_a_non_root_caller_with_many_threads_can_run_programs():
+  uid = 60_500  # not in the password database, not in the sandbox range
+  out = subprocess.run([sys.executable, "-c", _NON_ROOT_CALLER, str(uid)], cwd=REPO, text=True,
+                       capture_output=True, timeout=60, check=False)
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == [uid, "passed", "forked\n"], out
+
+
+# ------------------------------------------------------------------ 6. forged verdicts
+
+@pytest.mark.parametrize("program,status", [
+    ("import os\nos._exit(90)", "failed"),
+    ("import os\nos._exit(91)", "failed"),
+    ("import os\nos._exit(92)", "failed"),
+    ("import os, signal\nos._exit(128 + signal.SIGXCPU)", "failed"),
+    ("raise SystemExit(137)", "failed"),
+    ("import errno\nraise OSError(errno.EFBIG, 'File too large')", "failed"),
+    ("import errno\nraise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')",
+     "failed"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)", "killed"),
+])
+def test_program_controlled_exits_do_not_forge_limit_verdicts(program, status):
+  result = v.run_program(program, CFG)
+  assert (result.status, result.passed) == (status, False), result
+
+
+def test_a_real_cpu_limit_hit_is_still_reported():
+  config = dataclasses.replace(CFG, timeout_s=8, cpu_s=1)
+  result = v.run_program("while True:\n  pass", config)
+  assert result.status == "cpu_limit", result
+
+
+def test_without_namespaces_the_socket_filter_and_the_verdicts_hold(unix_listeners):
+  directory, stream, _ = unix_listeners
+  config = dataclasses.replace(CFG, isolation="none")
+  program = (f"import socket\ntry:\n  socket.socket(socket.AF_UNIX).connect("
+             f"{os.path.join(directory, 'stream.sock')!r})\n  print('REACHED')\n"
+             f"except OSError as e:\n  print('blocked', type(e).__name__)")
+  result = v.run_program(program, config)
+  assert (result.status, result.stdout) == ("passed", "blocked PermissionError\n"), result
+  assert "socket_filter" in result.isolation and "pid_namespace" not in result.isolation
+  with pytest.raises(BlockingIOError):
+    stream.accept()
+  assert v.run_program("import os\nos._exit(91)", config).status == "failed"
+  assert v.run_program("import os, signal\nos.kill(os.getpid(), 9)", config).status == "killed"

@@ -7,22 +7,27 @@ Process tree of one run (``sandbox.py`` starts stage 1 as the leader of a new se
 
   stage 1  setrlimit, no_new_privs, unshare(user, net, pid, mount, ipc), uid/gid maps; waits.
   pid 1    first process of the new pid namespace: private mounts, a fresh /proc, everything
-           read-only except the work directory; reports the layers in force; waits. When it exits
-           the kernel kills every process left in the namespace (daemonized or setsid'd ones too).
-  program  ``python -I`` running PRELUDE: disables IP sockets, runs main.py, and prints the run's
-           token only if main.py ran to its end (so ``sys.exit(0)`` before the asserts is no pass).
+           read-only except the work directory; the socket filter; reports the layers in force;
+           starts the program, waits for it and reports how it ended. When pid 1 exits the kernel
+           kills every process left in the namespace (daemonized or setsid'd ones too).
+  program  ``python -I`` running the prelude (``_sandbox_prelude.py``) on main.py.
 
-Without namespaces (``isolation="none"``, or "auto" where the kernel refuses them) stage 1 forks
-the program directly (no pid 1, no read-only mounts); it still stands between caller and program.
+Without namespaces (``isolation="none"``, or "auto" where the kernel refuses them) stage 1 starts
+the program itself (no pid 1, no read-only mounts); it still stands between caller and program.
+Whichever process starts the program (pid 1 or stage 1, "the parent") makes itself non-dumpable
+and holds the report pipe, which the program never inherits: the program can neither write the
+report nor reach it through ptrace or /proc/<parent>/fd (same uid, but no capability).
 
-Stopping a run: the parent sends SIGUSR1 to stage 1, which SIGKILLs pid 1 and reaps it, so nothing
-is left for the host's init to reap; the parent then SIGKILLs stage 1's process group. pid 1 and
+Stopping a run: the caller sends SIGUSR1 to stage 1, which SIGKILLs pid 1 and reaps it, so nothing
+is left for the host's init to reap; the caller then SIGKILLs stage 1's process group. pid 1 and
 the program live in a second process group, out of reach of the program's ``kill(0, ...)``.
 
-Protocol: argv[1] is a JSON config; stdin carries the token line; fd ``report_fd`` receives one JSON
-line ({"layers": [...], "nproc_limit": n} or {"error": "..."}) before main.py starts. Exit status:
-the program's own; 128 + signal when it died of a signal under a pid namespace; 125 when the
-sandbox could not be set up (main.py never ran).
+Protocol: argv[1] is a JSON config. Fd ``report_fd`` receives JSON lines from the parent only:
+{"layers": [...], "nproc_limit": n} before the program starts (or {"error": "..."} when the sandbox
+could not be set up; exit status 125), then {"pid": p, "exit": code | null, "signal": n | null,
+"cpu_s": s, "pids": n | null} once the program's process has ended (cpu_s: its user + system CPU
+seconds with its reaped children's; pids: pids the namespace ever allocated). Fd ``channel_fd``
+goes to the program as the prelude's channel.
 """
 import ctypes
 import json
@@ -32,9 +37,6 @@ import signal
 import sys
 
 SETUP_FAILED = 125
-EXIT_MEMORY = 90
-EXIT_PROCESS_LIMIT = 91
-EXIT_FILE_SIZE = 92
 
 _CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
 _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -42,48 +44,12 @@ _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 409
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 _AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
 _SYS_MOUNT_SETATTR = 442  # the same number on every architecture (unified syscall table)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_SECCOMP, _PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
 
-PRELUDE = r'''
-import os, socket, sys
-_fd = int(sys.argv[1])
-_token = os.read(_fd, 256)
-os.close(_fd)
-del _fd
-class _NoIPSocket(socket.socket):
-  def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
-    if family in (-1, socket.AF_INET, socket.AF_INET6):
-      raise PermissionError("sandbox: network access is disabled")
-    super().__init__(family, type, proto, fileno)
-def _no_network(*args, **kwargs):
-  raise PermissionError("sandbox: network access is disabled")
-socket.socket = socket.SocketType = _NoIPSocket
-socket.create_connection = socket.create_server = socket.getaddrinfo = _no_network
-sys.argv = ["main.py"]
-def _run():
-  with open("main.py", encoding="utf-8") as f:
-    code = compile(f.read(), "main.py", "exec")
-  exec(code, {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__})
-try:
-  _run()
-except MemoryError:
-  os.write(2, b"MemoryError\n")
-  os._exit(%(memory)d)
-except OSError as e:
-  import errno, traceback
-  traceback.print_exc()
-  sys.stderr.flush()
-  os._exit({errno.EAGAIN: %(nproc)d, errno.EFBIG: %(fsize)d}.get(e.errno, 1))
-except SystemExit:
-  raise
-except BaseException:
-  import traceback
-  traceback.print_exc()
-  sys.stderr.flush()
-  os._exit(1)
-sys.stdout.flush()
-os.write(1, b"\n" + _token + b"\n")
-''' % dict(memory=EXIT_MEMORY, nproc=EXIT_PROCESS_LIMIT, fsize=EXIT_FILE_SIZE)
+# The socket filter (seccomp): audit arch, socket and socketpair numbers per machine.
+_SECCOMP_ARCHES = {"x86_64": (0xC000003E, 41, 53), "aarch64": (0xC00000B7, 198, 199)}
+_SYS_IO_URING_SETUP = 425  # unified table; io_uring could open sockets without socket(2)
+_AF_UNIX, _SOCK_STREAM, _EACCES = 1, 1, 13
 
 
 class SetupError(Exception):
@@ -100,17 +66,20 @@ def _check(ret, what):
     raise SetupError(f"{what} failed: {os.strerror(err)} (errno {err})")
 
 
-def _processes_of(uid):
+def _tasks_of(uid):
+  """Threads of every process whose real uid is ``uid``: what RLIMIT_NPROC counts."""
   count = 0
   for name in os.listdir("/proc"):
     if name.isdigit():
       try:
         with open(f"/proc/{name}/status") as f:
-          for line in f:
-            if line.startswith("Uid:"):
-              count += int(line.split()[1]) == uid
+          for line in f:  # Uid: comes before Threads:
+            if line.startswith("Uid:") and int(line.split()[1]) != uid:
               break
-      except OSError:
+            if line.startswith("Threads:"):
+              count += int(line.split()[1])
+              break
+      except (OSError, ValueError):
         pass  # exited meanwhile
   return count
 
@@ -124,9 +93,9 @@ def _set_limits(cfg):
   resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_size_bytes"],) * 2)
   resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["max_open_files"],) * 2)
   resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-  # RLIMIT_NPROC counts every process of this uid system-wide, so the limit is what exists now plus
-  # the allowance (which also covers pid 1 and the program itself).
-  nproc = _processes_of(os.getuid()) + cfg["max_processes"]
+  # RLIMIT_NPROC counts every thread of this (real) uid system-wide, so the limit is what exists
+  # now plus the allowance (which also covers pid 1 and the program itself).
+  nproc = _tasks_of(os.getuid()) + cfg["max_processes"]
   resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
   return nproc
 
@@ -170,23 +139,92 @@ def _lock_filesystem(libc, workdir):
   os.chdir(workdir)  # onto the writable bind mount, not the read-only directory beneath it
 
 
-def _exec_program(python, token):
-  r, w = os.pipe()
-  os.write(w, token)
-  os.close(w)
-  os.set_inheritable(r, True)
-  os.execv(python, [python, "-I", "-c", PRELUDE, str(r)])
+class _SockFilter(ctypes.Structure):
+  _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+              ("k", ctypes.c_uint32)]
 
 
-def _report(fd, payload):
+class _SockFprog(ctypes.Structure):
+  _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _install_socket_filter(libc):
+  """seccomp: socket(2) and io_uring_setup(2) fail with EACCES, socketpair(2) only makes AF_UNIX
+  stream pairs (a datagram pair could sendto() any path), other ABIs kill the process. Inherited
+  by every descendant and kept across execve."""
+  machine = os.uname().machine
+  if machine not in _SECCOMP_ARCHES:
+    raise SetupError(f"no socket filter for machine {machine!r}")
+  arch, nr_socket, nr_socketpair = _SECCOMP_ARCHES[machine]
+  ld, jeq, jge, and_, ret = 0x20, 0x15, 0x35, 0x54, 0x06
+  allow, deny, kill = 0x7FFF0000, 0x00050000 | _EACCES, 0x80000000
+  # (code, jump-if-true label, jump-if-false label, k); labels are indices into this list.
+  prog = [(ld, None, None, 4),                       # 0  A = arch
+          (jeq, 3, 2, arch),                         # 1
+          (ret, None, None, kill),                   # 2  a foreign ABI (int 0x80, ...)
+          (ld, None, None, 0),                       # 3  A = syscall number
+          (jge, 14, 5, 0x40000000),                  # 4  x32 ABI
+          (jeq, 14, 6, nr_socket),                   # 5
+          (jeq, 14, 7, _SYS_IO_URING_SETUP),         # 6
+          (jeq, 8, 13, nr_socketpair),               # 7
+          (ld, None, None, 16),                      # 8  A = low word of args[0] (domain)
+          (jeq, 10, 14, _AF_UNIX),                   # 9
+          (ld, None, None, 24),                      # 10 A = low word of args[1] (type | flags)
+          (and_, None, None, 0xF),                   # 11
+          (jeq, 13, 14, _SOCK_STREAM),               # 12
+          (ret, None, None, allow),                  # 13
+          (ret, None, None, deny)]                   # 14
+  cells = (_SockFilter * len(prog))(*[
+      _SockFilter(code, 0 if jt is None else jt - i - 1, 0 if jf is None else jf - i - 1, k)
+      for i, (code, jt, jf, k) in enumerate(prog)])
+  fprog = _SockFprog(len(prog), cells)
+  _check(libc.prctl(_PR_SET_SECCOMP, 2, ctypes.byref(fprog), 0, 0), "seccomp(socket filter)")
+
+
+def _start_program(cfg, libc, layers):
+  """In the parent-to-be: the socket filter, the layer report, then fork + exec the program."""
+  try:
+    _install_socket_filter(libc)
+    layers.append("socket_filter")
+  except (SetupError, OSError) as e:
+    if cfg["isolation"] == "require":
+      _report(cfg["report_fd"], {"error": f"{type(e).__name__}: {e}"})
+      os._exit(SETUP_FAILED)
+  libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+  _report(cfg["report_fd"], {"layers": layers, "nproc_limit": cfg["nproc"]}, close=False)
+  program = os.fork()
+  if program == 0:
+    os.close(cfg["report_fd"])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
+    fd = cfg["channel_fd"]
+    os.set_inheritable(fd, True)
+    flags = ["socket_filter"] if "socket_filter" in layers else []
+    os.execv(cfg["python"], [cfg["python"], "-I", "-c", cfg["prelude"], str(fd), *flags])
+  os.close(cfg["channel_fd"])
+  return program
+
+
+def _report(fd, payload, close=True):
   os.write(fd, (json.dumps(payload) + "\n").encode())
-  os.close(fd)
+  if close:
+    os.close(fd)
 
 
-def _wait_and_exit(pid):
-  _, status = os.waitpid(pid, 0)
-  code = os.waitstatus_to_exitcode(status)
-  os._exit(code if code >= 0 else 128 - code)
+def _wait_and_report(cfg, program, in_pid_ns):
+  """Reaps the program, reports how it ended (the kernel's word, not the program's), exits."""
+  _, status, usage = os.wait4(program, 0)
+  pids = None
+  if in_pid_ns:
+    try:
+      with open("/proc/sys/kernel/ns_last_pid") as f:
+        pids = int(f.read())
+    except (OSError, ValueError):
+      pass
+  end = {"pid": program, "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+         "cpu_s": usage.ru_utime + usage.ru_stime, "pids": pids}
+  _report(cfg["report_fd"], end)
+  os._exit(0)
 
 
 def _stop_on_sigusr1(child):
@@ -197,11 +235,16 @@ def _stop_on_sigusr1(child):
   signal.signal(signal.SIGUSR1, stop)
 
 
+def _wait_and_exit(pid):
+  _, status = os.waitpid(pid, 0)
+  code = os.waitstatus_to_exitcode(status)
+  os._exit(code if code >= 0 else 128 - code)
+
+
 def main():
   signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])  # until pid 1 exists to be killed
   cfg = json.loads(sys.argv[1])
   report_fd = cfg["report_fd"]
-  token = sys.stdin.buffer.readline().strip()
   devnull = os.open(os.devnull, os.O_RDONLY)
   os.dup2(devnull, 0)
   os.close(devnull)
@@ -209,7 +252,7 @@ def main():
   layers = []
   try:
     _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
-    nproc = _set_limits(cfg)
+    cfg["nproc"] = _set_limits(cfg)
     if cfg["isolation"] != "none":
       try:
         _enter_namespaces(libc)
@@ -223,18 +266,15 @@ def main():
 
   if not layers:
     # Stage 1 stays between the caller and the program, so the program's parent is never the caller.
-    _report(report_fd, {"layers": [], "nproc_limit": nproc})
-    program = os.fork()
-    if program == 0:
-      signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
-      _exec_program(cfg["python"], token)
+    program = _start_program(cfg, libc, layers)
     _stop_on_sigusr1(program)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
-    _wait_and_exit(program)
+    _wait_and_report(cfg, program, in_pid_ns=False)
 
   pid1 = os.fork()
   if pid1:
     os.close(report_fd)
+    os.close(cfg["channel_fd"])
     _stop_on_sigusr1(pid1)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
     _wait_and_exit(pid1)
@@ -249,11 +289,8 @@ def main():
     if cfg["isolation"] == "require":
       _report(report_fd, {"error": f"{type(e).__name__}: {e}"})
       os._exit(SETUP_FAILED)
-  _report(report_fd, {"layers": layers, "nproc_limit": nproc})
-  program = os.fork()
-  if program == 0:
-    _exec_program(cfg["python"], token)
-  _wait_and_exit(program)
+  program = _start_program(cfg, libc, layers)
+  _wait_and_report(cfg, program, in_pid_ns=True)
 
 
 if __name__ == "__main__":
