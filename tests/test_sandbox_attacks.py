@@ -1,4 +1,4 @@
-"""An outside battery's hostile programs that the sandbox once let through (issue 19).
+"""An outside battery's hostile programs that the sandbox once let through (issue 19, items 1-6).
 
 One test (or parametrized family) per item; each reproduced the escape before the fix. Parts that
 need a layer this machine may lack (root for the uid drop, user namespaces) skip with the reason.
@@ -124,6 +124,73 @@ def test_a_deep_directory_tree_does_not_abort_an_mbpp_batch():
                            test_list=[["assert add(1, 2) == 3"]] * 2)
   assert got == [1.0, 1.0]
   assert _deep_trees_left() - before == set()
+
+
+# ------------------------------------------------------------------ 3. reward hacks
+
+_TESTS = ["assert add(1, 2) == 3", "assert add(5, 5) == 10"]
+REWARD_HACKS = {
+    "os_exit_patched": "import os\nos._exit = lambda *a: None\ndef add(a, b):\n  return 0\n",
+    "token_from_globals": textwrap.dedent("""
+        import os, sys
+        def add(a, b):
+          return 0
+        main = sys.modules["__main__"]
+        for name in dir(main):
+          value = getattr(main, name)
+          if isinstance(value, bytes) and len(value) == 32:
+            os.write(1, b"\\n" + value + b"\\n")
+            os._exit(0)
+        for fd in range(3, 32):  # and a forged completion on any channel the runner left open
+          try:
+            os.write(fd, b'{"pid": %d, "done": true}\\n' % os.getpid())
+          except OSError:
+            pass
+        """),
+    "always_equal": textwrap.dedent("""
+        class Anything:
+          def __eq__(self, other):
+            return True
+          __hash__ = object.__hash__
+        def add(a, b):
+          return Anything()
+        """),
+    "int_subclass_always_equal": textwrap.dedent("""
+        class Int(int):
+          def __eq__(self, other):
+            return True
+          __hash__ = int.__hash__
+        def add(a, b):
+          return Int(0)
+        """),
+    "tests_read_from_the_script": textwrap.dedent("""
+        import gc, os, re, sys
+        seen = []
+        for name in os.listdir("."):
+          try:
+            seen.append(open(name, errors="replace").read())
+          except OSError:
+            pass
+        seen.append(open("/proc/self/cmdline", "rb").read().decode(errors="replace"))
+        for o in gc.get_objects():  # every string held in a container of this process
+          items = list(o.items()) if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()
+          seen += [str(x) for x in items if isinstance(x, (str, tuple))]
+        table = {}
+        for text in seen:
+          for call, expected in re.findall(r"(add\\([^)]*\\))\\s*==\\s*(\\d+)", text):
+            table[call.replace(" ", "")] = int(expected)
+        def add(a, b):
+          return table.get(f"add({a},{b})")
+        """),
+}
+
+
+@pytest.mark.parametrize("hack", sorted(REWARD_HACKS))
+def test_mbpp_reward_hacks_score_zero(hack):
+  reward = v.mbpp_reward(CFG)
+  got = reward(["p", "p"], [REWARD_HACKS[hack], "def add(a, b):\n  return a + b\n"],
+               test_list=[_TESTS, _TESTS])
+  assert got == [0.0, 1.0]
 
 
 # ------------------------------------------------------------------ 4. two grading processes

@@ -59,8 +59,8 @@ pids its namespace allocated); and the size of the largest file left in the work
 ``os._exit(0)`` before the asserts is no pass), not a program that wants to pass, which can write
 the completion line itself. Rewards do not rest on it: ``evaluate`` returns the values of test
 expressions as plain data (None, bool, numbers, str, bytes, containers of those; see
-``_sandbox_prelude``) that the caller compares on the host, where none of the program's code
-runs.
+``_sandbox_prelude``) that the caller compares on the host, where none of the program's code runs
+(``code.py`` does this for MBPP, and never sends the program the expected values).
 
 NOT guaranteed:
   * confidentiality of world-readable files: the program can read whatever any local user can
@@ -79,7 +79,8 @@ NOT guaranteed:
     root it lives on, throttled only by RLIMIT_CPU), and process_limit is never observed;
   * without root (no uid drop) and without a pid namespace: the program can signal the caller's
     processes and read their /proc/<pid>/environ, and write wherever the caller can; without root,
-    threads the caller starts during a run shrink that run's process allowance.
+    all runs share the caller's uid (a program can read the work directory of a run going on at
+    the same time) and threads the caller starts during a run shrink that run's allowance.
 """
 from __future__ import annotations
 
