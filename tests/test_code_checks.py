@@ -90,7 +90,7 @@ def test_the_program_never_sees_an_expected_value():
       seen = [open(n, errors="replace").read() for n in os.listdir(".")]
       seen.append(open("/proc/self/cmdline", "rb").read().decode(errors="replace"))
       for o in gc.get_objects():
-        items = list(o.items()) if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()
+        items = list(o.items()) if isinstance(o, dict) else o if type(o) in (list, tuple) else ()
         seen += [str(x) for x in items if isinstance(x, (str, tuple))]
       text = "".join(seen)
       print(str(987654320 + 1) in text, str(12344 + 1) in text)

@@ -130,6 +130,16 @@ def test_huge_output_is_capped():
   assert result.runtime_s < CFG.timeout_s
 
 
+def test_a_flooded_channel_is_capped():
+  # The prelude's channel fd is the program's argv[1] (see _sandbox_prelude); flooding it is a
+  # forgery attempt the host caps like stdout.
+  program = ("import os\nfd = int(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[4])\n"
+             "while True:\n  os.write(fd, b'x' * 65536)")
+  config = dataclasses.replace(CFG, max_result_bytes=1 << 20)
+  result = _run_contained(program, config, status="output_limit")
+  assert "channel" in result.detail and not result.stdout_truncated
+
+
 def test_file_size_limit():
   result = _run_contained("open('big', 'wb').write(b'x' * (2 << 20))", status="file_size_limit")
   assert "File too large" in result.stderr

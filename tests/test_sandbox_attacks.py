@@ -173,7 +173,7 @@ REWARD_HACKS = {
             pass
         seen.append(open("/proc/self/cmdline", "rb").read().decode(errors="replace"))
         for o in gc.get_objects():  # every string held in a container of this process
-          items = list(o.items()) if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()
+          items = list(o.items()) if isinstance(o, dict) else o if type(o) in (list, tuple) else ()
           seen += [str(x) for x in items if isinstance(x, (str, tuple))]
         table = {}
         for text in seen:
@@ -252,7 +252,8 @@ stop = threading.Event()
 threads = [threading.Thread(target=stop.wait) for _ in range(40)]
 for t in threads:
   t.start()
-program = "import os\\nfor _ in range(4):\\n  if os.fork() == 0:\\n    os._exit(0)\\n  os.wait()\\nprint('forked')"
+program = ("import os\\nfor _ in range(4):\\n  if os.fork() == 0:\\n    os._exit(0)\\n"
+           "  os.wait()\\nprint('forked')")
 try:
   r = v.run_program(program, v.SandboxConfig(timeout_s=10))
   print(json.dumps([os.geteuid(), r.status, r.stdout]))

@@ -135,7 +135,7 @@ def _guard_network():
   import socket  # pylint: disable=import-outside-toplevel
 
   class NoIPSocket(socket.socket):
-    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):  # pylint: disable=redefined-builtin
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):  # pylint: disable=W0622
       if fileno is None and family in (-1, socket.AF_INET, socket.AF_INET6):
         raise PermissionError("sandbox: network access is disabled")
       super().__init__(family, type, proto, fileno)

@@ -24,11 +24,11 @@ Every program runs in its own child process tree, started in a new session, with
     so if it fails (a RuntimeWarning) no later program can enter what is left.
 When the parent runs as root (the case on this project's machines) the child also drops to a
 dedicated unprivileged uid/gid (no supplementary groups), leased host-wide: an flock on one lease
-file per uid (in /run/lock/selfimprove-sandbox-uids, else /tmp/...), so two grading processes on
-one host (that share /run/lock) never share a uid. The uid drop is what makes RLIMIT_NPROC bite at all (the kernel exempts
-root), stops the child from signalling or reading /proc/<pid>/environ of the caller's processes
-and from writing anywhere the caller's files live, and lets the parent kill every leftover process
-of that uid after the run. Where the kernel allows unprivileged user namespaces
+file per uid (in /run/lock/selfimprove-sandbox-uids, else /tmp/...), so two grading processes on one
+host (that share /run/lock) never share a uid. The uid drop is what makes RLIMIT_NPROC bite at all
+(the kernel exempts root), stops the child from signalling or reading /proc/<pid>/environ of the
+caller's processes and from writing anywhere the caller's files live, and lets the parent kill every
+leftover process of that uid after the run. Where the kernel allows unprivileged user namespaces
 (``isolation="auto"`` uses them when it can, ``"require"`` refuses to run without them or without
 the socket filter) the child also gets:
   * a network namespace: no interfaces but a down loopback;
@@ -228,7 +228,7 @@ class _Run:
   out: bytes
   err: bytes
   channel: list[bytes]
-  over: tuple[bool, bool]
+  over: tuple[bool, bool, bool]  # stdout, stderr, channel past their caps
   end: dict | None
   layers: tuple[str, ...]
   runtime_s: float
@@ -248,7 +248,7 @@ def evaluate(module: str, steps: Sequence[tuple[str, str]],
   """Runs ``module`` as ``main.py``, then each step in its namespace, in order: ("exec",
   statement) or ("eval", expression). ``SandboxResult.values`` holds each step's value (None for
   "exec") as plain data; a step that raises, or whose value is not plain data, ends the run
-  ("failed", the error in ``detail``). The program can read the steps (they are in its work
+  (usually "failed"; the error in ``detail``). The program can read the steps (they are in its work
   directory) and forge any value, so send it only what it may see: the inputs, not the answers.
   """
   if not isinstance(module, str):
@@ -330,8 +330,8 @@ def _launch(config: SandboxConfig, python: str, uid: int | None, workdir: str) -
   end = next((r for r in reports[1:] if "signal" in r), None)
   layers = (("uid_drop",) if uid is not None else ()) + tuple((setup or {}).get("layers", ()))
   return _Run(stopped=stopped, out=bytes(bufs[out_fd]), err=bytes(bufs[err_fd]),
-              channel=bytes(bufs[channel_r]).splitlines(), over=(over[out_fd], over[err_fd]),
-              end=end, layers=layers, runtime_s=runtime_s)
+              channel=bytes(bufs[channel_r]).splitlines(), end=end, layers=layers,
+              over=(over[out_fd], over[err_fd], over[channel_r]), runtime_s=runtime_s)
 
 
 def _verdict(config: SandboxConfig, run: _Run, error: dict | None, done: bool,
@@ -339,7 +339,9 @@ def _verdict(config: SandboxConfig, run: _Run, error: dict | None, done: bool,
   if run.stopped == "timeout":
     return "timeout", f"still running after {config.timeout_s} s of wall clock"
   if run.stopped == "output_limit":
-    return "output_limit", "printed more than the output limit"
+    return "output_limit", (f"wrote more than max_result_bytes={config.max_result_bytes} to the "
+                            f"channel" if run.over[2] else
+                            f"printed more than max_output_bytes={config.max_output_bytes}")
   end = run.end
   if end is None:
     return "killed", "the program's parent ended without reporting (killed from outside?)"
@@ -347,7 +349,8 @@ def _verdict(config: SandboxConfig, run: _Run, error: dict | None, done: bool,
     sig, cpu = end["signal"], end["cpu_s"]
     name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
     what = f"killed by {name} after {cpu:.2f} CPU s (limit {config.cpu_limit_s} s)"
-    limit_hit = sig in (signal.SIGXCPU, signal.SIGKILL) and cpu >= _CPU_LIMIT_SEEN * config.cpu_limit_s
+    limit_hit = (sig in (signal.SIGXCPU, signal.SIGKILL)
+                 and cpu >= _CPU_LIMIT_SEEN * config.cpu_limit_s)
     return ("cpu_limit" if limit_hit else "killed"), what
   if end["exit"] == 0 and done:
     return "passed", ""
@@ -373,12 +376,11 @@ def _result(config: SandboxConfig, run: _Run, n_steps: int, largest_file: int,
   returncode = (end["exit"] if end.get("exit") is not None else
                 -end["signal"] if end.get("signal") is not None else None)
   return SandboxResult(
-      passed=status == "passed", status=status,
-      returncode=None if run.stopped else returncode,
+      passed=status == "passed", status=status, returncode=None if run.stopped else returncode,
       stdout=run.out.decode("utf-8", errors="replace"),
-      stderr=run.err.decode("utf-8", errors="replace"),
-      stdout_truncated=run.over[0], stderr_truncated=run.over[1], runtime_s=run.runtime_s,
-      isolation=run.layers, workdir=workdir, detail=detail, values=tuple(values))
+      stderr=run.err.decode("utf-8", errors="replace"), stdout_truncated=run.over[0],
+      stderr_truncated=run.over[1], runtime_s=run.runtime_s, isolation=run.layers,
+      workdir=workdir, detail=detail, values=tuple(values))
 
 
 def run_programs(programs: Sequence[str], config: SandboxConfig = SandboxConfig(), *,
