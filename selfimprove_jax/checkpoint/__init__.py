@@ -1,7 +1,8 @@
-"""Checkpoints in and out: Hugging Face safetensors directories and the native orbax format.
+"""Checkpoints in and out: Hugging Face safetensors directories and the native orbax format; and
+``trees``, the loop's CheckpointManager checkpoints of any pytree (train states, round params).
 
   load_hf(dir, mesh=..., dtype=...) -> LoadedModel(config, params, tokenizer, chat_template)
-  save_hf(config, params, out_dir, tokenizer=..., merge_fn=...)
+  save_hf(config, params, out_dir, tokenizer=..., source_dir=..., merge_fn=...)  (states its special ids)
   save_native(config, params, out_dir, ...) / load_native(dir, mesh=..., ...)
   python -m selfimprove_jax.checkpoint.convert --from hf --to native SRC DST
   python -m selfimprove_jax.checkpoint.convert --from gguf --to hf MODEL.gguf DST
