@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=9.0",
+            "pytest-xdist>=3.5",  # the suite runs on two workers or more (-n auto)
             "chex>=0.1.92",
             # Parity tests compare against the reference implementations on tiny random models.
             "torch==2.13.0",
