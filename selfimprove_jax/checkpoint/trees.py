@@ -219,7 +219,10 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def save_tree(path: str | os.PathLike, tree: Any, *, meta: dict | None = None) -> None:
-  """Saves ``tree`` at ``path`` (a verified root holding one step); every process calls it."""
+  """Saves ``tree`` at ``path`` (a verified root holding one step); every process calls it.
+
+  Meant for a path without a complete checkpoint (the loop saves each tree once): a tree already
+  there is deleted before the new one is written, not swapped atomically."""
   ckpt = Checkpoints(path)
   try:
     ckpt.save(0, tree, meta=meta)
