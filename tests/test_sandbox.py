@@ -18,7 +18,7 @@ from selfimprove_jax.verifiers import _sandbox_host
 CFG = v.SandboxConfig(timeout_s=1.5, memory_bytes=256 << 20, max_processes=12,
                       max_output_bytes=4096, file_size_bytes=1 << 20)
 ALL_LAYERS = ("uid_drop", "user_namespace", "network_namespace", "pid_namespace",
-              "read_only_filesystem", "socket_filter")
+              "read_only_filesystem", "private_tmp", "socket_filter")
 
 
 @pytest.fixture(scope="module")

@@ -309,3 +309,76 @@ def test_without_namespaces_the_socket_filter_and_the_verdicts_hold(unix_listene
     stream.accept()
   assert v.run_program("import os\nos._exit(91)", config).status == "failed"
   assert v.run_program("import os, signal\nos.kill(os.getpid(), 9)", config).status == "killed"
+
+
+# ------------------------------------------------------------------ FIFOs and files in host /tmp
+
+_PROBE_HOST_PATHS = """
+import json, os
+seen = {}
+for path in PATHS:
+  if not os.path.lexists(path):
+    seen[path] = "absent"
+    continue
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fd, b"MARKER from the sandbox\\n")
+    os.close(fd)
+    seen[path] = "written"
+  except OSError as e:
+    seen[path] = f"present, {type(e).__name__} {e.errno}"
+print(json.dumps(seen))
+"""
+
+
+@pytest.fixture
+def host_temp_objects():
+  """World-writable FIFOs (read ends open, non-blocking) in the host's /tmp and /dev/shm and a
+  world-writable regular file in /tmp, like the ones other host processes keep there."""
+  tag = f"selfimprove-sandbox-probe-{os.getpid()}"
+  fifos = [os.path.join(d, f"{tag}.fifo") for d in ("/tmp", "/dev/shm") if os.path.isdir(d)]
+  marker = os.path.join("/tmp", f"{tag}.txt")
+  readers = []
+  try:
+    for path in fifos:
+      os.mkfifo(path)
+      os.chmod(path, 0o666)
+      readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    with open(marker, "w") as f:
+      f.write("host file\n")
+    os.chmod(marker, 0o666)
+    yield fifos, readers, marker
+  finally:
+    for fd in readers:
+      os.close(fd)
+    for path in (*fifos, marker):
+      if os.path.lexists(path):
+        os.remove(path)
+
+
+def test_fifos_and_files_in_the_hosts_temp_dirs_are_invisible(host_temp_objects):
+  fifos, readers, marker = host_temp_objects
+  result = v.run_program(_PROBE_HOST_PATHS.replace("PATHS", repr([*fifos, marker])), CFG)
+  assert result.status == "passed", result
+  if "user_namespace" not in result.isolation:
+    pytest.skip("a private /tmp needs user namespaces (see sandbox.py's docstring)")
+  assert json.loads(result.stdout) == {path: "absent" for path in (*fifos, marker)}, result
+  assert "private_tmp" in result.isolation, result.isolation
+  for fd in readers:
+    assert os.read(fd, 100) == b""  # no writer ever came: nothing, not even the marker
+  with open(marker) as f:
+    assert f.read() == "host file\n"
+
+
+def test_no_temp_dir_is_hidden_where_the_interpreter_or_a_symlink_would_vanish():
+  from selfimprove_jax.verifiers import _sandbox_child
+  hide = _sandbox_child._dirs_to_hide
+  assert "/tmp" in hide("/tmp/sandbox-x", sys.executable)
+  assert hide("/tmp/sandbox-x", "/tmp/venv/bin/python") == []  # the program could not start
+  link = tempfile.mkdtemp()
+  try:
+    os.symlink(REPO, os.path.join(link, "to-repo"))
+    assert hide(os.path.join(link, "to-repo"), sys.executable) == []  # the link itself vanishes
+  finally:
+    os.remove(os.path.join(link, "to-repo"))
+    os.rmdir(link)

@@ -6,9 +6,10 @@ unprivileged user that may not be able to read the package (or the virtualenv) a
 Process tree of one run (``sandbox.py`` starts stage 1 as the leader of a new session):
 
   stage 1  setrlimit, no_new_privs, unshare(user, net, pid, mount, ipc), uid/gid maps; waits.
-  pid 1    first process of the new pid namespace: private mounts, a fresh /proc, everything
-           read-only except the work directory; the socket filter; reports the layers in force;
-           starts the program, waits for it and reports how it ended. When pid 1 exits the kernel
+  pid 1    first process of the new pid namespace: private mounts, a fresh /proc, an empty tmpfs
+           over each host temp dir (/tmp, /run, ...), everything read-only except the work
+           directory; the socket filter; reports the layers in force; starts the program,
+           waits for it and reports how it ended. When pid 1 exits the kernel
            kills every process left in the namespace (daemonized or setsid'd ones too).
   program  ``python -I`` running the prelude (``_sandbox_prelude.py``) on main.py.
 
@@ -125,18 +126,53 @@ def _setattr(libc, path, flags, attr_set, attr_clr):
   _check(ret, f"mount_setattr({path})")
 
 
-def _lock_filesystem(libc, workdir):
+# Where host processes keep FIFOs, sockets and files (world-writable); each gets an empty tmpfs.
+_HOST_TEMP_DIRS = ("/tmp", "/var/tmp", "/run", "/var/run", "/dev/shm", "/dev/mqueue")
+_PRIVATE_TMP_OPTIONS = b"size=64k,nr_inodes=256,mode=755"
+
+
+def _under(path, directory):
+  return path == directory or path.startswith(directory + "/")
+
+
+def _dirs_to_hide(workdir, python):
+  """The host temp dirs present as real directories (a symlink such as /var/run -> /run is left to
+  its target); none at all where the interpreter lives in one (it would vanish) or the work
+  directory's path is not canonical (a symlink on it could lie in a hidden dir)."""
+  dirs = [d for d in _HOST_TEMP_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+  python = os.path.realpath(python)
+  if os.path.realpath(workdir) != workdir or any(_under(python, d) for d in dirs):
+    return []
+  return dirs
+
+
+def _lock_filesystem(libc, workdir, python):
+  """Private mounts, a fresh /proc, an empty tmpfs over each host temp dir (the work directory, if
+  it lies in one, bound back at its own path), then everything read-only but the work directory.
+  Returns whether the host temp dirs are hidden."""
   mount = libc.mount
   mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                     ctypes.c_char_p]
   _check(mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "making / private")
   _check(mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None),
          "mounting a fresh /proc")
-  _check(mount(workdir.encode(), workdir.encode(), None, _MS_BIND | _MS_REC, None),
-         "bind-mounting the work directory")
+  hidden = _dirs_to_hide(workdir, python)
+  workdir_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)  # reaches it once /tmp is covered
+  try:
+    for d in hidden:
+      _check(mount(b"tmpfs", d.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                   _PRIVATE_TMP_OPTIONS), f"mounting an empty tmpfs over {d}")
+    if any(_under(workdir, d) for d in hidden):
+      os.makedirs(workdir, mode=0o755, exist_ok=True)
+    _check(mount(f"/proc/self/fd/{workdir_fd}".encode(), workdir.encode(), None,
+                 _MS_BIND | _MS_REC, None), "bind-mounting the work directory")
+  finally:
+    os.close(workdir_fd)
+  # Read-only too: the new tmpfs mounts (nothing can be written outside the work directory).
   _setattr(libc, "/", _AT_RECURSIVE, _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0)
   _setattr(libc, workdir, 0, 0, _MOUNT_ATTR_RDONLY)
   os.chdir(workdir)  # onto the writable bind mount, not the read-only directory beneath it
+  return bool(hidden)
 
 
 class _SockFilter(ctypes.Structure):
@@ -283,8 +319,8 @@ def main():
   signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
   libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # stage 1 killed -> the namespace goes too
   try:
-    _lock_filesystem(libc, cfg["workdir"])
-    layers.append("read_only_filesystem")
+    hidden = _lock_filesystem(libc, cfg["workdir"], cfg["python"])
+    layers += ["read_only_filesystem", "private_tmp"] if hidden else ["read_only_filesystem"]
   except (SetupError, OSError) as e:
     if cfg["isolation"] == "require":
       _report(report_fd, {"error": f"{type(e).__name__}: {e}"})

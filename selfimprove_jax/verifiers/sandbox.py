@@ -31,12 +31,12 @@ caller's processes and from writing anywhere the caller's files live, and lets t
 leftover process of that uid after the run. Where the kernel allows unprivileged user namespaces
 (``isolation="auto"`` uses them when it can, ``"require"`` refuses to run without them or without
 the socket filter) the child also gets:
-  * a network namespace: no interfaces but a down loopback;
+  * network and IPC namespaces: no interfaces but a down loopback, no System V objects shared;
   * a pid namespace with a fresh /proc: the caller's processes are invisible and unsignallable, and
     when the program's main process exits every process it left behind is killed by the kernel;
-  * a mount namespace in which every mount is read-only except the work directory (/tmp and
-    /dev/shm included), so nothing can be written outside it;
-  * an IPC namespace (no shared System V objects with the host).
+  * a mount namespace, every mount read-only but the work directory, with an empty tmpfs over /tmp,
+    /var/tmp, /run, /dev/shm and /dev/mqueue ("private_tmp"; the work directory stays at its path):
+    nothing can be written outside it; host processes' FIFOs, sockets and files there are unseen;
 The layers in force are reported per run in ``SandboxResult.isolation``.
 
 Verdicts (``SandboxResult.status``) come from what the host observed, never from an exit code:
@@ -65,8 +65,9 @@ expressions as plain data (None, bool, numbers, str, bytes, containers of those;
 NOT guaranteed:
   * confidentiality of world-readable files: the program can read whatever any local user can
     (the system, this repository, a dataset file holding its own tests if world-readable);
-  * FIFOs and device nodes: a world-writable FIFO of the host can still be opened and written
-    (read-only mounts do not stop that; the socket filter covers sockets only);
+  * FIFOs and device nodes: a world-writable FIFO of the host can be opened and written (read-only
+    mounts do not stop that) outside the dirs "private_tmp" hides, or anywhere without that layer
+    (no namespaces, the interpreter in a hidden dir, or a work directory path with a symlink);
   * disk: RLIMIT_FSIZE bounds each file, not their number, so until the timeout a program can write
     many files into its work directory (on the host's temp filesystem);
   * memory and CPU in total: RLIMIT_AS and RLIMIT_CPU are per process, so the bound is roughly
@@ -185,7 +186,7 @@ class SandboxResult:
   stdout, stderr: captured text (UTF-8, invalid bytes replaced), at most ``max_output_bytes``.
   runtime_s: wall seconds from launch to the end of the run.
   isolation: layers in force: "uid_drop", "user_namespace", "network_namespace", "pid_namespace",
-    "read_only_filesystem", "socket_filter" (the rlimits, timeout and scrubbed env always apply).
+    "read_only_filesystem", "private_tmp", "socket_filter" (rlimits, timeout and env always apply).
   workdir: the (now removed) work directory.
   detail: what the status rests on, in words (the error, the signal and CPU seconds, ...).
   values: ``evaluate`` only: the plain value of each step that ran, in order (fewer than the
