@@ -7,8 +7,11 @@ Each trace goes to its own TensorBoard run under the workdir's ``tensorboard/`` 
 
 which ``tensorboard --logdir WORKDIR/tensorboard`` (with the profile plugin) or XProf lists.
 Configured by ``profile.start_step`` (the first global update step traced, 1-based) and
-``profile.num_steps`` (0: off). A rerun that resumes inside the window traces what is left of it.
-Tracing adds host overhead to the traced steps only; steps outside the window are untouched.
+``profile.num_steps`` (0: off). The sampling call traced is the first one after the step window
+(the next eval, or the next RL step's rollout), so its sampler is already compiled and the trace
+shows steady-state decoding, not XLA compiling; choose ``start_step`` after a round's first
+step for the same reason. A rerun that resumes inside the window traces what is left of it.
+Tracing adds host overhead to the traced work only; everything outside it is untouched.
 """
 from __future__ import annotations
 
@@ -22,10 +25,9 @@ import jax
 class Profiler:
   """Starts and stops ``jax.profiler`` traces at the configured points; one trace at a time."""
 
-  def __init__(self, logdir: str | os.PathLike, start_step: int, num_steps: int, *,
-               enabled: bool = True):
+  def __init__(self, logdir: str | os.PathLike, start_step: int, num_steps: int):
     self.logdir, self.start, self.num = os.fspath(logdir), start_step, num_steps
-    self.enabled = enabled and num_steps > 0
+    self.enabled = num_steps > 0
     self._active = False
     self._steps_done = False
     self._sample_done = False
@@ -50,8 +52,8 @@ class Profiler:
 
   @contextlib.contextmanager
   def sampling_call(self) -> Iterator[None]:
-    """Traces the first sampling call made outside a running trace; later calls run as is."""
-    if not self.enabled or self._active or self._sample_done:
+    """Traces the first sampling call after the step window; other calls run as is."""
+    if not self._steps_done or self._active or self._sample_done:
       yield
       return
     self._start("profile_sample_call")

@@ -19,6 +19,9 @@ def test_a_window_of_update_steps_and_one_sampling_call_are_traced(tmp_path, smo
   steps, sample = _traces(board, "profile_train_steps_2-3"), _traces(board, "profile_sample_call")
   assert len(steps) == 1 and steps[0].stat().st_size > 0
   assert len(sample) == 1 and sample[0].stat().st_size > 0
+  # The sampling call traced comes after the window (a compiled sampler), not round 0's first.
+  assert sample[0].parent.name >= steps[0].parent.name  # session names are timestamps
+  assert sample[0].stat().st_mtime >= steps[0].stat().st_mtime
   assert {p.name for p in board.iterdir() if p.is_dir()} == {"profile_train_steps_2-3",
                                                             "profile_sample_call"}
   assert list(board.glob("events.out.tfevents.*"))  # the scalars are still there

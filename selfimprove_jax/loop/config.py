@@ -186,7 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.metrics = ml_collections.ConfigDict(dict(
       wandb=ml_collections.ConfigDict(dict(project="", entity="", mode=""))))
   # jax.profiler traces into WORKDIR/tensorboard (``selfimprove_jax.profiling``): global update
-  # steps start_step .. start_step + num_steps - 1 (1-based), and the run's first sampling call.
+  # steps start_step .. start_step + num_steps - 1 (1-based), and the first sampling call after.
   # num_steps=0: off.
   c.profile = ml_collections.ConfigDict(dict(start_step=1, num_steps=0))
   # A study (loop.study): arm name -> the keys it changes, nested as here; empty = one run.

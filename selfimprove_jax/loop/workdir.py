@@ -30,8 +30,7 @@ from selfimprove_jax.loop import config as loop_config
 from selfimprove_jax.metrics import MetricsLog
 
 CONFIG_FILE, PROGRESS_FILE = "config.json", "progress.json"
-# Keys a rerun may change: more rounds extend a finished run.
-# Keys a rerun may change without changing what the run computes.
+# Keys a rerun may change: more rounds extend a finished run; the others change no result.
 RESUMABLE_CHANGES = ("loop.num_rounds", "metrics.wandb.project", "metrics.wandb.entity",
                      "metrics.wandb.mode", "profile.start_step", "profile.num_steps")
 
@@ -71,7 +70,6 @@ class Workdir:
 
   def train_states(self, r: int) -> epath.Path:
     return self.round_dir(r) / "train_state"
-
 
   def eval_samples(self, r: int) -> epath.Path:
     return self.round_dir(r) / "eval_samples.jsonl"
