@@ -113,3 +113,24 @@ def test_forked_scores_equal_full_scores_when_completions_pass_the_switch(tiny_p
     np.testing.assert_allclose(getattr(forked, field), getattr(full, field)[:, 8:], atol=2e-5,
                                err_msg=field)
   np.testing.assert_allclose(forked.self_certainty_B, full.self_certainty_B, atol=2e-5)
+
+
+def test_rows_crossing_at_different_steps_each_match_transformers_alone(hf_phi3):
+  """Prompts of 6, 3 and 8 (= O) tokens, left-padded to 8, 2 greedy samples each, 9 new tokens:
+  the rows feed position O at steps 3, 6 and 1, so every recompute must leave its batch-mates
+  alone; each row equals ``transformers``' generate on its prompt alone (unpadded)."""
+  model, loaded = hf_phi3
+  P, N, M = 8, 2, 9
+  lengths = np.array([6, 3, 8])
+  prompt = np.random.default_rng(5).integers(3, _SIZES["vocab_size"], (3, P)).astype(np.int32)
+  mask = np.arange(P)[None] >= (P - lengths)[:, None]
+  out = generate(Transformer(loaded.config), loaded.params, jnp.asarray(prompt), jnp.asarray(mask),
+                 jax.random.key(0), SamplingParams.make(3 * N, temperature=0.0), NO_STOP,
+                 max_new_tokens=M, num_samples=N)
+  for b, n in enumerate(lengths):
+    alone = torch.from_numpy(prompt[b:b + 1, P - n:].astype(np.int64))
+    with torch.no_grad():
+      ref = model.generate(alone, attention_mask=torch.ones(1, n, dtype=torch.long),
+                           do_sample=False, max_new_tokens=M, min_new_tokens=M, pad_token_id=0)
+    for r in (b * N, b * N + 1):
+      assert np.asarray(out.tokens[r]).tolist() == ref[0, n:].tolist(), (b, r)
