@@ -78,3 +78,29 @@ def test_verify_latex_overrun_is_killed_and_counts_as_unequal():
 ])
 def test_normalize_math_new_forms(answer, want):
   assert v.normalize_math(answer) == want
+
+
+class _SilentChecker(sympy_check.SympyChecker):
+  """A checker whose worker starts but never answers: every comparison overruns its timeout."""
+
+  def _start(self):
+    import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+
+
+def test_grade_math_overruns_at_most_one_timeout():
+  # A hostile completion that sends several comparisons to the worker (its two boxes are tried
+  # alone, then joined and split into parts): the grade has one overall deadline, so one overrun
+  # ends it instead of one per comparison.
+  checker = _SilentChecker(timeout_s=0.2)
+  try:
+    hostile = "x = \\boxed{10^{10^{10}}} or x = \\boxed{10^{10^{11}}}"
+    verdict = v.grade_math(hostile, "1, 2", checker)
+    assert not verdict.correct and verdict.parsed
+    assert checker.timeouts == 1
+    assert not v.math_equal("10^{10^{10}}, 10^{10^{11}}", "(1, 2)", checker)
+    assert checker.timeouts == 2
+  finally:
+    checker.close()

@@ -348,16 +348,26 @@ def _equal_normalized(a: str, b: str, checker: SympyChecker) -> bool:
 
 
 def math_equal(answer: str, reference: str, checker: SympyChecker | None = None) -> bool:
-  """Whether two MATH answers (LaTeX, unboxed) are equivalent; see the module docstring."""
-  return _equal_normalized(normalize_math(answer), normalize_math(reference),
-                           checker or default_checker())
+  """Whether two MATH answers (LaTeX, unboxed) are equivalent; see the module docstring. All
+  the worker comparisons of one call share one deadline of ``checker.timeout_s``."""
+  checker = checker or default_checker()
+  with checker.deadline(checker.timeout_s):
+    return _equal_normalized(normalize_math(answer), normalize_math(reference), checker)
 
 
 def grade_math(completion: str, reference: Any, checker: SympyChecker | None = None) -> Verdict:
   """MATH: the completion's last boxed answer against the reference (a solution with a boxed
   answer, or the bare answer). When the reference lists several solutions ("3, 5") and the
   completion boxes them one by one ("x = \\boxed{3} or x = \\boxed{5}"), the boxes together are
-  the answer (then ``extracted`` is "3, 5")."""
+  the answer (then ``extracted`` is "3, 5"). All the worker comparisons of one grade share one
+  deadline of ``checker.timeout_s``: a hostile completion costs at most one timeout, not one per
+  comparison it sets off."""
+  checker = checker or default_checker()
+  with checker.deadline(checker.timeout_s):
+    return _grade_math(completion, reference, checker)
+
+
+def _grade_math(completion: str, reference: Any, checker: SympyChecker) -> Verdict:
   ref = str(reference)
   gold = last_boxed(ref) if any(c in ref for c in _BOX_COMMANDS) else ref.strip()
   if not gold:
@@ -365,7 +375,6 @@ def grade_math(completion: str, reference: Any, checker: SympyChecker | None = N
   found = extract_math_answer(completion)
   if found is None:
     return Verdict(correct=False, parsed=False, extracted=None)
-  checker = checker or default_checker()
   if math_equal(found, gold, checker):
     return Verdict(correct=True, parsed=True, extracted=found)
   boxes = boxed_answers(completion)

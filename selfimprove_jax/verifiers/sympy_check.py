@@ -17,6 +17,7 @@ when a comparison overruns. The worker answers two kinds of question:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -74,7 +75,8 @@ class SympyChecker:
   """Compares answers in a worker process; thread-safe (one comparison at a time).
 
   timeout_s: wall seconds per comparison (worker start-up excluded); on overrun the worker is
-    killed and the comparison counts as not equal (``timeouts`` counts these).
+    killed and the comparison counts as not equal (``timeouts`` counts these). Within a
+    ``deadline`` block the comparisons of one thread also share that block's budget.
   memory_bytes: RLIMIT_AS of the worker.
   """
 
@@ -89,6 +91,7 @@ class SympyChecker:
     self.timeouts = 0
     self._proc: subprocess.Popen | None = None
     self._lock = threading.Lock()
+    self._local = threading.local()
     atexit.register(self.close)
 
   def _start(self) -> subprocess.Popen:
@@ -140,16 +143,39 @@ class SympyChecker:
     decimals (so "0.3333333" equals 1/3). False on a timeout or when either does not parse."""
     return self._ask({"answer": answer, "gold": gold})
 
+  @contextlib.contextmanager
+  def deadline(self, seconds: float):
+    """Within the block, this thread's comparisons share one budget of ``seconds`` of waiting for
+    the worker's answers (waiting for the lock and worker start-up are not counted, as for
+    ``timeout_s``): each waits at most ``timeout_s`` and at most what is left (an overrun is
+    killed and counted in ``timeouts``), and one asked once the budget is spent is not sent and
+    counts as not equal (not counted). A block nested in another one keeps the outer budget."""
+    if getattr(self._local, "budget", None) is not None:
+      yield
+      return
+    self._local.budget = seconds
+    try:
+      yield
+    finally:
+      self._local.budget = None
+
   def _ask(self, request: dict) -> bool:
+    budget = getattr(self._local, "budget", None)
+    if budget is not None and budget <= 0:
+      return False
+    wait = self.timeout_s if budget is None else min(self.timeout_s, budget)
     with self._lock:
       if self._proc is None or self._proc.poll() is not None:
         self._proc = self._start()
+      start = time.monotonic()
       try:
         self._proc.stdin.write(json.dumps(request).encode() + b"\n")
         self._proc.stdin.flush()
-        line = self._readline(self._proc, self.timeout_s)
+        line = self._readline(self._proc, wait)
       except BrokenPipeError:
         line = None  # the worker died (e.g. out of memory): restart on the next call
+      if budget is not None:
+        self._local.budget = budget - (time.monotonic() - start)
       if line is None:
         self.timeouts += 1
         self._kill(self._proc)
