@@ -91,7 +91,8 @@ class Checkpoints:
   """The step folders under ``root``: save, list, restore, verify.
 
   Args:
-    keep: how many committed steps to keep (older ones are removed after each commit); None: all.
+    keep: how many committed steps to keep; None: all. Orbax removes the older ones once a
+      later save has committed, so with async saves one more can sit on disk until then.
     async_save: ``save`` returns once the arrays are off the devices (not with ``verified``).
     verified: store a CRC manifest per step, and count a step only once it has one.
   """

@@ -82,7 +82,8 @@ def pack(ctx: Context, prompt: list[int], completion: list[int]
 
 
 def train_states(ctx: Context, r: int) -> trees.Checkpoints:
-  """Round ``r``'s train-state checkpoints: the newest one kept, saved asynchronously."""
+  """Round ``r``'s train-state checkpoints, saved asynchronously; older ones are removed as
+  newer ones commit (all of them once the round's params are saved)."""
   return trees.Checkpoints(ctx.workdir.train_states(r), keep=1, async_save=True, verified=False)
 
 
