@@ -41,10 +41,20 @@ def load_rows(path: str = TABLE) -> list[dict]:
 
 
 def previous_grader(commit: str):
-  """``grade_math`` from ``math_answers.py`` at ``commit``, as a (gold, prediction) -> bool."""
-  source = subprocess.run(
-      ["git", "-C", REPO, "show", f"{commit}:selfimprove_jax/verifiers/math_answers.py"],
-      check=True, capture_output=True, text=True).stdout
+  """``grade_math`` from ``math_answers.py`` at ``commit``, as a (gold, prediction) -> bool.
+
+  Needs git and the repository's history (a shallow clone or an exported tree has neither that
+  commit nor any): exits naming what is missing otherwise.
+  """
+  file = "selfimprove_jax/verifiers/math_answers.py"
+  try:
+    source = subprocess.run(["git", "-C", REPO, "show", f"{commit}:{file}"],
+                            check=True, capture_output=True, text=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = (e.stderr or "").strip() if isinstance(e, subprocess.CalledProcessError) else e
+    raise SystemExit(f"cannot read {file} at {commit} from git in {REPO} ({detail}): the 'previous' grader "
+                     f"needs the repository's history (not a shallow clone or an exported tree) "
+                     f"holding that commit; pass --old-commit to pick another") from None
   module = types.ModuleType(f"math_answers_{commit}")
   code = compile(source, f"math_answers@{commit}", "exec")
   exec(code, module.__dict__)  # pylint: disable=exec-used

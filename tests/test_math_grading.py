@@ -104,3 +104,17 @@ def test_grade_math_overruns_at_most_one_timeout():
     assert checker.timeouts == 2
   finally:
     checker.close()
+
+
+@pytest.mark.parametrize("where", ["no_history", "unknown_commit"])
+def test_benchmark_previous_grader_says_when_git_history_is_missing(where, tmp_path, monkeypatch):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "math_grading.py"
+  spec = importlib.util.spec_from_file_location("math_grading_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  if where == "no_history":
+    monkeypatch.setattr(bench, "REPO", str(tmp_path))  # a copy of the tree without .git
+  commit = "ac1da3e" if where == "no_history" else "0" * 40
+  with pytest.raises(SystemExit, match=f"cannot read .*math_answers.py at {commit}.*--old-commit"):
+    bench.previous_grader(commit)
