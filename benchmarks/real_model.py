@@ -35,8 +35,8 @@ import time
 # Run as a script, this file's folder (not the repository) is on sys.path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.sampling import (CONTENDED, _compile_log, _cpu_model, _timed_calls, _version,  # noqa: E402
-                                 run_worker)
+from benchmarks.sampling import (_compile_log, _cpu_model, _timed_calls, _version,  # noqa: E402
+                                 run_uncontended, run_worker)
 
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = (  # one user turn each; the phrasings differ so that the prompts need left padding
@@ -209,15 +209,9 @@ def main():
   model_dir = checkpoint_dir()  # fetch (and convert) once here, not in each worker
   results = {}
   for name in args.contestants.split(","):
-    run = lambda: run_worker(name, workload, reps, sys.executable, sweep=False, max_wait_s=args.max_wait,
-                             script=__file__)
-    res = run()
-    for _ in range(args.retries):
-      if res["others_busy_cores"] <= CONTENDED:
-        break
-      print(f"{name:<4} rerun: other processes kept {res['others_busy_cores']:.2f} cores busy", flush=True)
-      res = min(res, run(), key=lambda r: r["others_busy_cores"])
-    res["contended"] = res["others_busy_cores"] > CONTENDED
+    res = run_uncontended(lambda: run_worker(name, workload, reps, sys.executable, sweep=False,
+                                             max_wait_s=args.max_wait, script=__file__),
+                          args.retries, f"{name:<4}")
     compile_s = "-" if res["compile_s"] is None else f"{res['compile_s']:.1f}"
     print(f"{name:<4} {res['tok_s']:7.0f} tok/s  call {res['steady_s']:.2f} s  compile {compile_s:>5} s  "
           f"(others busy {res['others_busy_cores']:.2f} cores)", flush=True)

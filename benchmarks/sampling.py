@@ -379,6 +379,20 @@ def run_worker(name: str, size: str, reps: int, python: str, sweep: bool = True,
   return result
 
 
+def run_uncontended(run, retries: int, label: str) -> dict:
+  """``run()`` (a ``run_worker`` call), redone up to ``retries`` times while other processes kept
+  more than ``CONTENDED`` cores busy; the least disturbed result, marked ``contended`` if even
+  that one was."""
+  res = run()
+  for _ in range(retries):
+    if res["others_busy_cores"] <= CONTENDED:
+      break
+    print(f"{label} rerun: other processes kept {res['others_busy_cores']:.2f} cores busy", flush=True)
+    res = min(res, run(), key=lambda r: r["others_busy_cores"])
+  res["contended"] = res["others_busy_cores"] > CONTENDED
+  return res
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--json", help="write results to this path")
@@ -417,14 +431,8 @@ def main():
     row = results.setdefault(size, {})
     for name in contestants:
       sweep = not args.quick or size == sizes[0]
-      res = run_worker(name, size, args.reps, pythons[name], sweep, args.max_wait)
-      for _ in range(args.retries):
-        if res["others_busy_cores"] <= CONTENDED:
-          break
-        print(f"{size:>4} {name:<6} rerun: other processes kept {res['others_busy_cores']:.2f} cores busy", flush=True)
-        again = run_worker(name, size, args.reps, pythons[name], sweep, args.max_wait)
-        res = min(res, again, key=lambda r: r["others_busy_cores"])
-      res["contended"] = res["others_busy_cores"] > CONTENDED
+      res = run_uncontended(lambda: run_worker(name, size, args.reps, pythons[name], sweep, args.max_wait),
+                            args.retries, f"{size:>4} {name:<6}")
       compile_s = "-" if res["compile_s"] is None else f"{res['compile_s']:.1f}"
       print(f"{size:>4} {name:<6} {res['tok_s']:8.0f} tok/s  compile {compile_s:>5} s  "
             f"sweep compiles {res['sweep_compiles']}  (others busy {res['others_busy_cores']:.2f} cores)",

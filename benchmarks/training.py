@@ -42,9 +42,9 @@ import time
 # not have the repository installed either.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.sampling import (CONTENDED, COMPILE_EVENT, SIZES, TUNIX_VERSION, _compile_log,  # noqa: E402
+from benchmarks.sampling import (COMPILE_EVENT, SIZES, TUNIX_VERSION, _compile_log,  # noqa: E402
                                  _cpu_model, _tunix_python, _version, our_config, param_count,
-                                 run_worker, tunix_llama3, worker_roofline)
+                                 run_uncontended, run_worker, tunix_llama3, worker_roofline)
 
 BATCH, LENGTH = 8, 256  # sequences x tokens per step: 2048 tokens, ~5 s a step at 30M on 2 cores
 WARMUP = 2  # steps before the timed ones (the first compiles)
@@ -192,14 +192,9 @@ def main():
   roofs = [roof()]
   results = {}
   for name in contestants:
-    run = lambda: run_worker(name, args.size, args.reps, pythons[name], max_wait_s=args.max_wait, script=__file__)
-    res = run()
-    for _ in range(args.retries):
-      if res["others_busy_cores"] <= CONTENDED:
-        break
-      print(f"{name:<6} rerun: other processes kept {res['others_busy_cores']:.2f} cores busy", flush=True)
-      res = min(res, run(), key=lambda r: r["others_busy_cores"])
-    res["contended"] = res["others_busy_cores"] > CONTENDED
+    res = run_uncontended(lambda: run_worker(name, args.size, args.reps, pythons[name],
+                                             max_wait_s=args.max_wait, script=__file__),
+                          args.retries, f"{name:<6}")
     print(f"{name:<6} {res['tok_s']:7.0f} tok/s  step {res['steady_s']:.2f} s  compile {res['compile_s']:.1f} s  "
           f"(others busy {res['others_busy_cores']:.2f} cores)", flush=True)
     results[name] = res
