@@ -16,6 +16,9 @@ from selfimprove_jax.verifiers import _code_eval
 from selfimprove_jax.verifiers import _sandbox_prelude as prelude
 
 CFG = v.SandboxConfig(timeout_s=5, memory_bytes=256 << 20)
+# Distinct ints whose hashes are all 0 (hash(n) is n mod 2**61 - 1): sets and dicts of them take
+# quadratic time to build.
+COLLIDING = [k * (2 ** 61 - 1) for k in range(1, 200)]
 
 # (tests, right, wrong): one assert shape each that the host judges itself.
 SHAPES = [
@@ -124,6 +127,9 @@ def test_split_names_the_program_leaves_and_the_host_structure():
     ("sum(__c0, [])", {"__c0": [[1]] * 10}),        # sum of lists (quadratic): numbers only
     ("'%0999999999d' % __c0", {"__c0": 1}),         # string formatting
     ("[(a, b) for a in __c0 for b in __c0]", {"__c0": list(range(2000))}),  # the step budget
+    ("set(__c0)", {"__c0": COLLIDING}),             # a set of equal hashes (quadratic)
+    ("{x: 1 for x in __c0}", {"__c0": COLLIDING}),
+    ("dict(zip(__c0, __c0))", {"__c0": COLLIDING}),
 ])
 def test_the_host_evaluator_refuses_unbounded_work(source, env):
   expr = ast.parse(source, mode="eval").body
@@ -146,6 +152,8 @@ def test_the_value_codec_round_trips_plain_data_only():
   for bad in (object(), iter([]), lambda: 1, range(3), deep):
     with pytest.raises((TypeError, ValueError)):
       prelude.encode(bad)
-  for garbage in (5, "s", ["i", 5], ["zz", []], ["set", [["l", []]]], ["d", [[1]]]):
+  colliding = [["i", hex(n)] for n in COLLIDING]
+  for garbage in (5, "s", ["i", 5], ["zz", []], ["set", [["l", []]]], ["d", [[1]]],
+                  ["set", colliding], ["fs", colliding], ["d", [[k, None] for k in colliding]]):
     with pytest.raises((TypeError, ValueError)):
       prelude.decode(garbage)

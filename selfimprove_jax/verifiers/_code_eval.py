@@ -2,7 +2,8 @@
 
 Only the operations below run, on values decoded from the sandbox (None, bool, numbers, str,
 bytes, containers of those) or built here: the real builtins in ``FUNCS``, a few ``math``
-functions, operators with size guards (``_MAX_ITEMS``, ``_MAX_BITS``), and lambdas and
+functions, operators with size guards (``_MAX_ITEMS``, ``_MAX_BITS``; sets and dicts refuse
+keys of one hash past ``MAX_SAME_HASH``, see ``_sandbox_prelude``), and lambdas and
 comprehensions interpreted here. A step budget bounds the work per test; exceeding a guard or the
 budget raises, which fails that test.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import ast
 import math
 from typing import Any
+
+from selfimprove_jax.verifiers._sandbox_prelude import few_collisions
 
 _TYPES = {t.__name__: t for t in (bool, bytes, complex, dict, float, frozenset, int, list, set,
                                   str, tuple)}
@@ -42,10 +45,27 @@ def _range(*args):
   return r
 
 
+def _set(items=()):
+  return set(few_collisions(items))
+
+
+def _frozenset(items=()):
+  return frozenset(few_collisions(items))
+
+
+def _dict(*args, **kwargs):
+  if args and not isinstance(args[0], dict):  # a dict built here or decoded is already checked
+    pairs = [tuple(p) for p in args[0]]
+    few_collisions(p[0] for p in pairs if len(p) == 2)
+    args = (pairs, *args[1:])
+  return dict(*args, **kwargs)
+
+
 FUNCS = {f.__name__: f for f in (abs, all, any, bool, dict, divmod, float, frozenset, int,
                                   isinstance, len, list, max, min, reversed, set, sorted, str,
                                   tuple, type, zip, enumerate)}
 FUNCS.update(sum=_sum, round=_round, range=_range)
+_GUARDED = ((set, _set), (frozenset, _frozenset), (dict, _dict))  # what a call of these runs
 HOST_NAMES = {**_TYPES, **FUNCS}
 
 
@@ -145,6 +165,7 @@ class _Evaluator:
 
   def _Call(self, n, s):
     fn = self(n.func, s)
+    fn = next((guarded for t, guarded in _GUARDED if fn is t), fn)
     return fn(*(self(a, s) for a in n.args), **{k.arg: self(k.value, s) for k in n.keywords})
 
   def _Lambda(self, n, s):
@@ -184,10 +205,11 @@ class _Evaluator:
   _GeneratorExp = _ListComp
 
   def _SetComp(self, n, s):
-    return {self(n.elt, inner) for inner in self._scopes(n.generators, s)}
+    return _set(self(n.elt, inner) for inner in self._scopes(n.generators, s))
 
   def _DictComp(self, n, s):
-    return {self(n.key, inner): self(n.value, inner) for inner in self._scopes(n.generators, s)}
+    return _dict((self(n.key, inner), self(n.value, inner))
+                 for inner in self._scopes(n.generators, s))
 
 
 def leaf_names(expr: ast.AST) -> list[str]:

@@ -14,8 +14,9 @@ All of this runs in the program's own process, so the program can rewrite or for
 host (``read_channel``) takes a line only as a claim of the program's first process. What the host
 can rely on is that a value it decodes is plain data (``decode`` builds only None, bool, int,
 float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset, nested at most
-``MAX_DEPTH`` deep; no range, whose length a host-side ``list()`` could not bound), so comparing it
-runs none of the program's code. ``encode`` reads subclasses of plain types through their base
+``MAX_DEPTH`` deep, no set or dict with more than ``MAX_SAME_HASH`` keys of one hash; no range,
+whose length a host-side ``list()`` could not bound), so comparing it runs none of the program's
+code. ``encode`` reads subclasses of plain types through their base
 type (an ``int`` subclass whose ``__eq__`` always returns True travels as the plain int); anything
 else is refused.
 
@@ -25,6 +26,22 @@ import os
 import sys
 
 MAX_DEPTH = 100  # nesting of encoded values; the host refuses deeper ones
+MAX_SAME_HASH = 8  # distinct keys of one set or dict that may share a hash; the host refuses more
+
+
+def few_collisions(keys):
+  """``keys`` as a list, or ValueError when more than ``MAX_SAME_HASH`` of them share a hash:
+  building a set or dict of n keys with one hash costs n**2 / 2 comparisons (ints that differ by
+  multiples of 2**61 - 1 hash alike), so a forged value could stall the host."""
+  keys, distinct = list(keys), {}
+  for key in keys:
+    # hash(key) is an int h with hash(h) == h (but for -1), so ``distinct`` itself stays linear.
+    same = distinct.setdefault(hash(key), [])
+    if key not in same:
+      same.append(key)
+      if len(same) > MAX_SAME_HASH:
+        raise ValueError(f"more than {MAX_SAME_HASH} distinct keys share one hash")
+  return keys
 
 
 def encode(value, depth=0):
@@ -84,7 +101,11 @@ def decode(obj, depth=0):
   if tag == "d":
     if not all(type(kv) is list and len(kv) == 2 for kv in items):
       raise ValueError("bad dict")
-    return {decode(k, d): decode(x, d) for k, x in items}
+    pairs = [(decode(k, d), decode(x, d)) for k, x in items]
+    few_collisions(k for k, _ in pairs)
+    return dict(pairs)
+  if tag in ("set", "fs"):
+    return _SEQUENCES[tag](few_collisions(decode(x, d) for x in items))
   if tag in _SEQUENCES:
     return _SEQUENCES[tag](decode(x, d) for x in items)
   raise ValueError(f"unknown tag {tag!r}")
