@@ -63,6 +63,8 @@ def test_assert_shapes_judged_on_the_host():
     "assert check(f(1), [1])",                      # the outer call is the setup code's
     "x = f(1)\nassert x == 1",                      # a statement other than assert
     "assert f(1) ==",                               # does not parse
+    "assert max([1, 2]) == 2",                      # no program call (a builtin's name): constant
+    "assert pow(2, 3) == 8 and f(1) == 1",          # the same, for one of its comparisons
 ])
 def test_tests_that_cannot_be_split_safely_are_unjudged(test):
   setup = "def check(a, b):\n  return a == b"

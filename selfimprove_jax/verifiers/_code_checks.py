@@ -20,9 +20,11 @@ by memorizing answers). Leaves are all evaluated before the host structure, in s
 A test is *unjudged* (``Unjudged`` at parse time) when the split would show the program part of
 the expected side: a statement other than ``assert``, a candidate leaf that contains a comparison
 (outside a lambda or a comprehension's ``if``), or one whose outermost operation is not the
-program's (``check(f(x), [1, 2])`` with ``check`` from the setup code). A trusted leaf whose value
-is not plain data (an instance of a setup class) also leaves the test unjudged, at judging time. A
-task whose function has a builtin's name (``round``) is judged against the builtin.
+program's (``check(f(x), [1, 2])`` with ``check`` from the setup code), or an assert (or an
+operand of its top-level ``and``/``or``) with no candidate leaf: it would hold or fail whatever
+the program is, as when the task's function has a builtin's name (``round``, ``pow``), which the
+host evaluates as the builtin. A trusted leaf whose value is not plain data (an instance of a
+setup class) also leaves the test unjudged, at judging time.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import builtins
 import dataclasses
 import sys
 
-from selfimprove_jax.verifiers._code_eval import FUNCS, HOST_NAMES, MATH
+from selfimprove_jax.verifiers._code_eval import FUNCS, HOST_NAMES, MATH, leaf_names
 
 
 class Unjudged(ValueError):
@@ -201,6 +203,14 @@ class _Splitter:
     return new
 
 
+def _unjudged_part(expr: ast.expr) -> str | None:
+  """The first operand of an ``and``/``or`` (or the whole assert) with no candidate leaf: its
+  value does not depend on the program, as when the task's function has a builtin's name."""
+  parts = expr.values if isinstance(expr, ast.BoolOp) else [expr]
+  return next((ast.unparse(p) for p in parts
+               if not any(n.startswith("__c") for n in leaf_names(p))), None)
+
+
 def plan(tests: list[str], setup_code: str = "") -> Plan:
   """Splits a task's tests; raises ``Unjudged`` (or SyntaxError) when it cannot be judged safely."""
   splitter = _Splitter(bound_names(setup_code))
@@ -210,6 +220,9 @@ def plan(tests: list[str], setup_code: str = "") -> Plan:
       if not isinstance(statement, ast.Assert):
         raise Unjudged(f"{ast.unparse(statement)!r} is not an assert")
       expr = splitter.split(statement.test)
+      constant = _unjudged_part(expr)
+      if constant is not None:
+        raise Unjudged(f"{constant!r} calls none of the program's code")
       checks.append(Check(ast.unparse(statement), ast.fix_missing_locations(expr)))
   return Plan(tuple(checks), tuple(splitter.candidate), tuple(splitter.trusted),
               tuple(sorted(splitter.modules)))
