@@ -43,11 +43,12 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 import weakref
 from typing import Any, Callable, Mapping
 
 from etils import epath
+
+from selfimprove_jax import tables
 
 # tensorboardX's package imports its SummaryWriter module, which imports torch whenever torch is
 # installed (only to accept torch tensors): ~2 s and ~180 MB more per JAX process. A None entry in
@@ -121,10 +122,8 @@ class MetricsLog:
       self._records = [r for r in self._read() if keep is None or keep(r)]
       if self.remote:  # an object appears whole or not at all
         self._write_jsonl()
-      else:
-        tmp = workdir / f".metrics.jsonl.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(self._jsonl())
-        tmp.replace(self.path)
+      else:  # a fixed temporary name: one left by a killed resume is overwritten by the next
+        tables.atomic_write(self.path, self._jsonl())
     self.board = workdir / "tensorboard"
     # iterdir, not glob: fsspec-backed epath globs can mangle scheme:// paths.
     for old in (self.board.iterdir() if self.board.exists() else ()):

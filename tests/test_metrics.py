@@ -14,6 +14,7 @@ import types
 from collections import Counter
 
 import pytest
+from etils import epath
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto.event_pb2 import Event
 
@@ -289,3 +290,22 @@ def test_importing_metrics_does_not_import_torch():
           "assert 'torch' not in sys.modules, sys.modules.get('torch')")
   subprocess.run([sys.executable, "-c", code], check=True,
                  cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_a_resume_killed_while_rewriting_the_jsonl_leaves_no_stray_file(tmp_path, monkeypatch):
+  with metrics.MetricsLog(tmp_path) as log:
+    log.write({"step": 1, "loss": 1.0})
+    log.write({"step": 2, "loss": 2.0})
+  gpath = type(epath.Path(tmp_path))
+  real_replace = gpath.replace
+
+  def killed(self, target):  # the process dies after writing the temporary file
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(gpath, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    metrics.MetricsLog(tmp_path, keep=lambda r: r["step"] <= 1)
+  monkeypatch.setattr(gpath, "replace", real_replace)
+  with metrics.MetricsLog(tmp_path, keep=lambda r: r["step"] <= 1) as log:
+    assert log.records() == [{"step": 1, "loss": 1.0}]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tensorboard"]
