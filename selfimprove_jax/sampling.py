@@ -175,8 +175,8 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
     ``SampleOutput`` with R rows.
 
   A longrope model (Phi-3/3.5) whose rows can pass ``original_max_len`` (P + M larger) also traces
-  a recompute of a row's cache when it crosses, and a rescoring of the rows that end past it
-  (``models.longrope``); each runs only when some row needs it.
+  a recompute of a row's cache when it crosses, and a rescoring of the rows whose prompt fits it
+  but whose end passes it (``models.longrope.crossed_rows``); each runs only when some row needs it.
   """
   B, P = prompt_BxP.shape
   N, M = num_samples, max_new_tokens
@@ -242,13 +242,13 @@ def generate(model, params: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Arr
   out = jax.lax.while_loop(cond, body, state).out
   if not crossing:
     return out
-  # Rows longer than O: the scorer's log-probs (long factors for every token, also those drawn
-  # with the short ones before the crossing).
-  long_R = longrope.long_rows(model.config, P + M, next_pos_R + out.lengths)
-  rescore = lambda o: o.replace(model_logprobs=jnp.where(long_R[:, None], score_forked(
+  # Rows that crossed O: the scorer's log-probs (long factors for every token, also those drawn
+  # with the short ones before the crossing). A prompt already past O was long throughout.
+  crossed_R = longrope.crossed_rows(model.config, next_pos_R, next_pos_R + out.lengths)
+  rescore = lambda o: o.replace(model_logprobs=jnp.where(crossed_R[:, None], score_forked(
       model, params, prompt_BxP, prompt_mask_BxP, o.tokens, o.lengths, entropy=False,
       self_certainty=False).token_logprobs_BxL, o.model_logprobs))
-  return jax.lax.cond(jnp.any(long_R), rescore, lambda o: o, out)
+  return jax.lax.cond(jnp.any(crossed_R), rescore, lambda o: o, out)
 
 
 # ------------------------------------------------------------------------------------- host API

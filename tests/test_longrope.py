@@ -134,3 +134,28 @@ def test_rows_crossing_at_different_steps_each_match_transformers_alone(hf_phi3)
                            do_sample=False, max_new_tokens=M, min_new_tokens=M, pad_token_id=0)
     for r in (b * N, b * N + 1):
       assert np.asarray(out.tokens[r]).tolist() == ref[0, n:].tolist(), (b, r)
+
+
+def test_crossed_rows_are_those_whose_prompt_fits_and_whose_end_passes():
+  """O = 12: only rows whose prompt fits O and whose end passes it drew tokens with the short
+  factors, so only they are rescored after sampling (a prompt already past O is not)."""
+  from selfimprove_jax.models import longrope
+  start, end = np.array([3, 12, 13, 5, 12]), np.array([12, 13, 20, 13, 12])
+  assert longrope.crossed_rows(CFG, start, end).tolist() == [False, True, False, True, False]
+
+
+def test_rows_whose_prompt_passes_the_switch_keep_their_sampled_logprobs(tiny_phi3):
+  """Prompts of 14 (> O = 12) and 4 tokens, 5 new tokens: no row crosses, so no rescoring runs,
+  and the sampled model_logprobs still equal the scorer's."""
+  model, params = tiny_phi3
+  P, N, M = 14, 2, 5
+  prompt = np.random.default_rng(6).integers(1, CFG.vocab_size, (2, P)).astype(np.int32)
+  mask = np.arange(P)[None] >= np.array([0, 10])[:, None]
+  out = generate(model, params, prompt, mask, jax.random.key(2), SamplingParams.make(2 * N),
+                 NO_STOP, max_new_tokens=M, num_samples=N)
+  repeat = lambda a: np.repeat(a, N, axis=0)
+  full = scoring.score_jit(model, params, *scoring.completion_batch(repeat(prompt), repeat(mask),
+                                                                    out.tokens, out.lengths),
+                           entropy=False, self_certainty=False)
+  np.testing.assert_allclose(np.asarray(out.model_logprobs), np.asarray(full.token_logprobs_BxL[:, P:]),
+                             atol=2e-5)

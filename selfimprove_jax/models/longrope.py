@@ -53,6 +53,15 @@ def long_rows(config: TransformerConfig, slots: int, lengths_R: jax.Array) -> ja
   return jnp.asarray(lengths_R) > config.rope_scaling.original_max_len
 
 
+def crossed_rows(config: TransformerConfig, start_R: jax.Array, end_R: jax.Array) -> jax.Array:
+  """bool (R,): rows whose sampled log-probs differ from the teacher-forced ones, i.e. rows of
+  ``end_R`` tokens whose prompt of ``start_R`` tokens fits ``original_max_len`` O but whose end
+  passes it (they drew tokens at indices <= O with the short factors). A row whose prompt is
+  already longer than O was prefilled and decoded with the long factors throughout: not crossed."""
+  O = config.rope_scaling.original_max_len
+  return (jnp.asarray(start_R) <= O) & (jnp.asarray(end_R) > O)
+
+
 def rope_kwargs(long_R: jax.Array | None) -> dict[str, Any]:
   """``model.apply`` keywords forcing each row's factors; none for None, so a module with the
   plain call signature (a test stub) still serves every model that cannot cross."""
