@@ -10,12 +10,13 @@ import pytest
 import torch
 import transformers
 
+from selfimprove_jax import families
 from selfimprove_jax.checkpoint import config_to_hf, hf_special, load_hf, save_hf
 from selfimprove_jax.models import PRESETS, Transformer, param_shapes, tiny_config
 from selfimprove_jax.sampling import SamplingParams, generate
 from selfimprove_jax.tokenizer import train_hf_bpe
 
-FAMILIES = sorted(hf_special.FAMILY_IDS)
+FAMILIES = sorted(families.FAMILIES)
 VOCAB = 300  # <= 32000: Phi3Config's default pad id 32000 would not fit (the original assertion)
 PROMPT, NEW, MAX_STOPS = 6, 8, 4
 KEYS = hf_special.KEYS
@@ -92,6 +93,12 @@ def test_export_states_special_ids_and_generates_like_our_sampler(model, with_to
   if with_tokenizer:
     assert ref.shape[1] < PROMPT + NEW and ref[0, -1] == stop_at, "the stop id never ended generation"
     assert load_hf(out).tokenizer.stop_ids == tuple(stops)
+
+
+def test_every_family_has_published_ids_and_class_defaults():
+  """A family added to ``families.FAMILIES`` but not to hf_special's tables would fail its export."""
+  assert (sorted(hf_special.FAMILY_IDS) == sorted(hf_special.HF_CLASS_DEFAULTS)
+          == sorted(HF_CLASSES) == FAMILIES)
 
 
 def test_class_defaults_match_transformers():
