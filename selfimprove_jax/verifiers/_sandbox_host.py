@@ -1,8 +1,10 @@
 """Host-side helpers of the sandbox: uid leases, what an unprivileged uid can reach, reading a
-run's pipes, reaping and removal. Used by ``sandbox.py`` only."""
+run's pipes, reaping, verdicts and removal. Used by ``sandbox.py`` only."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import os
 import pathlib
@@ -21,6 +23,9 @@ LEASE_PARENTS = ("/run/lock", "/tmp")
 LEASE_DIRNAME = "selfimprove-sandbox-uids"
 _EXIT_GRACE_S = 0.5  # how long output may keep flowing after stage 1 exited
 _STOP_GRACE_S = 1.0  # how long stage 1 gets to kill and reap pid 1 before it is SIGKILLed
+# The kernel enforces RLIMIT_CPU on its tick-sampled CPU time; the parent reports the precise one,
+# which can be a few percent lower when the limit fires.
+_CPU_LIMIT_SEEN = 0.9
 
 
 class SandboxError(RuntimeError):
@@ -179,6 +184,56 @@ def read_lines(fd: int, limit: int = 1 << 20) -> list[bytes]:
       data += chunk
   os.close(fd)
   return bytes(data[:limit]).splitlines()
+
+
+# ------------------------------------------------------------------------------ verdicts
+
+@dataclasses.dataclass
+class Run:
+  """What the host observed of one run (see ``_launch`` in ``sandbox.py``)."""
+  stopped: str | None
+  out: bytes
+  err: bytes
+  channel: list[bytes]
+  over: tuple[bool, bool, bool]  # stdout, stderr, channel past their caps
+  end: dict | None
+  layers: tuple[str, ...]
+  runtime_s: float
+
+
+def verdict(config, run: Run, error: dict | None, done: bool,
+            largest_file: int) -> tuple[str, str]:
+  """(status, detail) of a run from what the host observed; ``config`` is the run's
+  ``SandboxConfig`` (see the verdict table in ``sandbox.py``)."""
+  if run.stopped == "timeout":
+    return "timeout", f"still running after {config.timeout_s} s of wall clock"
+  if run.stopped == "output_limit":
+    return "output_limit", (f"wrote more than max_result_bytes={config.max_result_bytes} to the "
+                            f"channel" if run.over[2] else
+                            f"printed more than max_output_bytes={config.max_output_bytes}")
+  end = run.end
+  if end is None:
+    return "killed", "the program's parent ended without reporting (killed from outside?)"
+  if end["signal"] is not None:
+    sig, cpu = end["signal"], end["cpu_s"]
+    name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+    what = f"killed by {name} after {cpu:.2f} CPU s (limit {config.cpu_limit_s} s)"
+    limit_hit = (sig in (signal.SIGXCPU, signal.SIGKILL)
+                 and cpu >= _CPU_LIMIT_SEEN * config.cpu_limit_s)
+    return ("cpu_limit" if limit_hit else "killed"), what
+  if end["exit"] == 0 and done:
+    return "passed", ""
+  if error is None:
+    return "failed", f"exit status {end['exit']}" + ("" if done else " before its end")
+  said = str(error.get("error", "")).rstrip(": ")
+  if error.get("type") == "MemoryError":
+    return "memory", f"{said} (the program's report)"
+  pids = end.get("pids")
+  if error.get("errno") == errno.EAGAIN and pids is not None and pids >= config.max_processes:
+    return "process_limit", f"{said}; its pid namespace allocated {pids} pids"
+  if error.get("errno") == errno.EFBIG and largest_file >= config.file_size_bytes:
+    return "file_size_limit", f"{said}; a file reached {largest_file} bytes"
+  return "failed", said
 
 
 # ------------------------------------------------------------------------------ removal

@@ -88,13 +88,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
 import json
 import math
 import os
 import pathlib
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -114,9 +112,6 @@ ISOLATION_MODES = ("auto", "require", "none")
 STATUSES = ("passed", "failed", "timeout", "cpu_limit", "memory", "process_limit",
             "file_size_limit", "output_limit", "killed")
 STEP_KINDS = ("exec", "eval")
-# The kernel enforces RLIMIT_CPU on its tick-sampled CPU time; the parent reports the precise one,
-# which can be a few percent lower when the limit fires.
-_CPU_LIMIT_SEEN = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,18 +218,6 @@ def _interpreter(config: SandboxConfig, dropping: bool) -> str:
 
 # ------------------------------------------------------------------------------ one run
 
-@dataclasses.dataclass
-class _Run:
-  stopped: str | None
-  out: bytes
-  err: bytes
-  channel: list[bytes]
-  over: tuple[bool, bool, bool]  # stdout, stderr, channel past their caps
-  end: dict | None
-  layers: tuple[str, ...]
-  runtime_s: float
-
-
 def run_program(program: str, config: SandboxConfig = SandboxConfig()) -> SandboxResult:
   """Runs ``program`` (Python source, executed as ``main.py``) in the sandbox.
 
@@ -281,7 +264,7 @@ def evaluate(module: str, steps: Sequence[tuple[str, str]],
     return _result(config, run, len(steps), largest_file, workdir)
 
 
-def _launch(config: SandboxConfig, python: str, uid: int | None, workdir: str) -> _Run:
+def _launch(config: SandboxConfig, python: str, uid: int | None, workdir: str) -> host.Run:
   report_r, report_w = os.pipe()
   channel_r, channel_w = os.pipe()
   child_cfg = dict(cpu_s=config.cpu_limit_s, memory_bytes=config.memory_bytes,
@@ -330,49 +313,16 @@ def _launch(config: SandboxConfig, python: str, uid: int | None, workdir: str) -
                        f"{proc.returncode}): {detail}")
   end = next((r for r in reports[1:] if "signal" in r), None)
   layers = (("uid_drop",) if uid is not None else ()) + tuple((setup or {}).get("layers", ()))
-  return _Run(stopped=stopped, out=bytes(bufs[out_fd]), err=bytes(bufs[err_fd]),
-              channel=bytes(bufs[channel_r]).splitlines(), end=end, layers=layers,
-              over=(over[out_fd], over[err_fd], over[channel_r]), runtime_s=runtime_s)
+  return host.Run(stopped=stopped, out=bytes(bufs[out_fd]), err=bytes(bufs[err_fd]),
+                  channel=bytes(bufs[channel_r]).splitlines(), end=end, layers=layers,
+                  over=(over[out_fd], over[err_fd], over[channel_r]), runtime_s=runtime_s)
 
 
-def _verdict(config: SandboxConfig, run: _Run, error: dict | None, done: bool,
-             largest_file: int) -> tuple[str, str]:
-  if run.stopped == "timeout":
-    return "timeout", f"still running after {config.timeout_s} s of wall clock"
-  if run.stopped == "output_limit":
-    return "output_limit", (f"wrote more than max_result_bytes={config.max_result_bytes} to the "
-                            f"channel" if run.over[2] else
-                            f"printed more than max_output_bytes={config.max_output_bytes}")
-  end = run.end
-  if end is None:
-    return "killed", "the program's parent ended without reporting (killed from outside?)"
-  if end["signal"] is not None:
-    sig, cpu = end["signal"], end["cpu_s"]
-    name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
-    what = f"killed by {name} after {cpu:.2f} CPU s (limit {config.cpu_limit_s} s)"
-    limit_hit = (sig in (signal.SIGXCPU, signal.SIGKILL)
-                 and cpu >= _CPU_LIMIT_SEEN * config.cpu_limit_s)
-    return ("cpu_limit" if limit_hit else "killed"), what
-  if end["exit"] == 0 and done:
-    return "passed", ""
-  if error is None:
-    return "failed", f"exit status {end['exit']}" + ("" if done else " before its end")
-  said = str(error.get("error", "")).rstrip(": ")
-  if error.get("type") == "MemoryError":
-    return "memory", f"{said} (the program's report)"
-  pids = end.get("pids")
-  if error.get("errno") == errno.EAGAIN and pids is not None and pids >= config.max_processes:
-    return "process_limit", f"{said}; its pid namespace allocated {pids} pids"
-  if error.get("errno") == errno.EFBIG and largest_file >= config.file_size_bytes:
-    return "file_size_limit", f"{said}; a file reached {largest_file} bytes"
-  return "failed", said
-
-
-def _result(config: SandboxConfig, run: _Run, n_steps: int, largest_file: int,
+def _result(config: SandboxConfig, run: host.Run, n_steps: int, largest_file: int,
             workdir: str) -> SandboxResult:
   pid = run.end["pid"] if run.end else None
   values, error, done = prelude.read_channel(run.channel, pid, n_steps)
-  status, detail = _verdict(config, run, error, done, largest_file)
+  status, detail = host.verdict(config, run, error, done, largest_file)
   end = run.end or {}
   returncode = (end["exit"] if end.get("exit") is not None else
                 -end["signal"] if end.get("signal") is not None else None)
