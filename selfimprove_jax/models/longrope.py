@@ -77,25 +77,30 @@ def prefill_forked(model, variables: Any, prompt_BxP: jax.Array, prompt_mask_BxP
   """Prefills the prompts into the empty ``cache`` and forks each to ``n`` rows (R = B * n).
 
   ``long_R``: per forked row, whether its whole sequence uses the long factors (``long_rows``);
-  then each prompt is prefilled twice, with the short and the long factors, and every row takes
-  its own. None: once, each prompt's own length deciding.
+  then one prefill of 2B rows runs each prompt with the short and the long factors, and every
+  forked row gathers its own (peak: 2B prompt caches besides the R forked rows, not two forked
+  caches). None: one prefill of B rows, each prompt's own length deciding.
   Returns:
     (the state of each prompt's last slot, which predicts the first forked token (R, 1, D),
     the forked cache).
   """
   mesh, rules = model.mesh, model.rules
-
-  def run(long_B):
-    hidden_BxPxD, filled = model.apply(variables, prompt_BxP, None, prompt_mask_BxP, cache=cache,
-                                       return_hidden=True, prefill=True, **rope_kwargs(long_B))
-    return jnp.repeat(hidden_BxPxD[:, -1:], n, axis=0), fork_cache(filled, n, mesh, rules)
-
   if long_R is None:
-    return run(None)
+    hidden_BxPxD, filled = model.apply(variables, prompt_BxP, None, prompt_mask_BxP, cache=cache,
+                                       return_hidden=True, prefill=True)
+    return jnp.repeat(hidden_BxPxD[:, -1:], n, axis=0), fork_cache(filled, n, mesh, rules)
   B = prompt_BxP.shape[0]
-  short, long = run(jnp.zeros((B,), bool)), run(jnp.ones((B,), bool))
-  pick = lambda s, l: s if s.ndim == 0 else jnp.where(_rows(long_R, s), l, s)
-  return jax.tree.map(pick, short, long)
+  twice = lambda x: x if x.ndim == 0 else jnp.concatenate([x, x])  # rows B.. 2B-1: long factors
+  hidden_2BxPxD, filled = model.apply(variables, twice(prompt_BxP), None, twice(prompt_mask_BxP),
+                                      cache=jax.tree.map(twice, cache), return_hidden=True,
+                                      prefill=True, long_rope_B=jnp.arange(2 * B) >= B)
+  source_R = jnp.repeat(jnp.arange(B), n) + B * jnp.asarray(long_R, jnp.int32)
+  take = lambda x, axes: sh.constrain(jnp.take(x, source_R, axis=0), axes, mesh, rules)
+  forked = KVCache(k=tuple(take(k, CACHE_KV_AXES) for k in filled.k),
+                   v=tuple(take(v, CACHE_KV_AXES) for v in filled.v),
+                   pos=take(filled.pos, CACHE_POS_AXES), index=filled.index,
+                   ring_pos=None if filled.ring_pos is None else take(filled.ring_pos, CACHE_POS_AXES))
+  return jnp.take(hidden_2BxPxD[:, -1:], source_R, axis=0), forked
 
 
 def _ring_sources(index: jax.Array, slots: int) -> jax.Array:
