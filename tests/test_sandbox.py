@@ -36,8 +36,8 @@ def _require(layers, *needed):
 def _live_sandbox_processes():
   if os.geteuid() != 0:
     return []  # no dedicated uids without root: the pid namespace is what cleans up
-  return [pid for uid in range(CFG.uid_base, CFG.uid_base + _sandbox_host.UID_SLOTS)
-          for pid in _sandbox_host.processes_of(uid)]
+  # Only uids no run holds: concurrent runs (other test workers) own the others' processes.
+  return _sandbox_host.idle_processes(CFG.uid_base)
 
 
 def _run_contained(program, config=CFG, *, status, passed=False):

@@ -26,8 +26,8 @@ needs_root = pytest.mark.skipif(not _ROOT, reason="the uid drop and setuid need 
 
 
 def _live_sandbox_processes():
-  return [pid for uid in range(CFG.uid_base, CFG.uid_base + _sandbox_host.UID_SLOTS)
-          for pid in _sandbox_host.processes_of(uid)] if _ROOT else []
+  # Only uids no run holds: concurrent runs (other test workers) own the others' processes.
+  return _sandbox_host.idle_processes(CFG.uid_base) if _ROOT else []
 
 
 # ------------------------------------------------------------------ 1. unix path sockets
@@ -206,7 +206,8 @@ print(json.dumps([r.status, r.stdout]))
 
 def _runs_in(parent):
   """Whether a process of a sandbox uid works in a directory under ``parent`` (its HOME)."""
-  for pid in _live_sandbox_processes():
+  for pid in (pid for uid in range(CFG.uid_base, CFG.uid_base + _sandbox_host.UID_SLOTS)
+              for pid in _sandbox_host.processes_of(uid)):  # leased uids included
     try:
       with open(f"/proc/{pid}/environ", "rb") as f:
         if f"HOME={parent}/".encode() in f.read():

@@ -57,12 +57,8 @@ def lease_uid(base: int) -> Iterator[int]:
   directory = _lease_dir()
   while True:
     for uid in range(base, base + UID_SLOTS):
-      fd = os.open(os.path.join(directory, f"uid-{uid}.lock"),
-                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        os.close(fd)
+      fd = _try_lease(directory, uid)
+      if fd is None:
         continue
       try:
         yield uid
@@ -70,6 +66,33 @@ def lease_uid(base: int) -> Iterator[int]:
         os.close(fd)
       return
     time.sleep(0.01)  # all leased: wait for one
+
+
+def _try_lease(directory: str, uid: int) -> int | None:
+  """An fd holding the lease of ``uid`` (close it to let go), or None when another holds it."""
+  fd = os.open(os.path.join(directory, f"uid-{uid}.lock"),
+               os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    return None
+  return fd
+
+
+def idle_processes(base: int) -> list[int]:
+  """Processes of the uids ``base .. base + UID_SLOTS - 1`` that no run holds, each uid checked
+  while holding its lease. None should exist: a run reaps its uid before it lets the lease go
+  (a crashed caller's leftovers are reaped by the next holder). Uids in use are not looked at."""
+  directory, pids = _lease_dir(), []
+  for uid in range(base, base + UID_SLOTS):
+    fd = _try_lease(directory, uid)
+    if fd is not None:
+      try:
+        pids += processes_of(uid)
+      finally:
+        os.close(fd)
+  return pids
 
 
 def check_uid_unused(uid: int) -> None:
