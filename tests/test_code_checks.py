@@ -159,3 +159,11 @@ def test_the_value_codec_round_trips_plain_data_only():
                   ["set", colliding], ["fs", colliding], ["d", [[k, None] for k in colliding]]):
     with pytest.raises((TypeError, ValueError)):
       prelude.decode(garbage)
+
+
+def test_a_failing_value_too_big_to_print_fails_its_row_only():
+  # repr() of an int past sys.get_int_max_str_digits() raises; the detail must not.
+  got = v.run_mbpp(["def f(x):\n  return [2 ** 15000 + 1]", "def f(x):\n  return [x]"],
+                   [["assert f(1) == [1]"]] * 2, config=CFG)
+  assert [(r.passed, r.status) for r in got] == [(False, "failed"), (True, "passed")]
+  assert "f(1) -> [<int of 15001 bits>]" in got[0].detail

@@ -31,7 +31,20 @@ from selfimprove_jax.verifiers.sandbox import SandboxConfig, SandboxResult, eval
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.S | re.I)
 _MBPP_MARKERS_RE = re.compile(r"\[BEGIN\](.*?)(?:\[DONE\]|$)", re.S)
-_REPR = reprlib.Repr()
+
+
+class _ShortRepr(reprlib.Repr):
+  """reprlib's short repr, but an int too long for ``repr`` (past the interpreter's limit on
+  int-to-str digits, which raises) is shown by its size."""
+
+  def repr_int(self, x, level):
+    try:
+      return super().repr_int(x, level)
+    except ValueError:
+      return f"<int of {x.bit_length()} bits>"
+
+
+_REPR = _ShortRepr()
 _REPR.maxstring, _REPR.maxother = 80, 80
 
 
