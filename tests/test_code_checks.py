@@ -129,6 +129,7 @@ def test_split_names_the_program_leaves_and_the_host_structure():
     ("sum(__c0, [])", {"__c0": [[1]] * 10}),        # sum of lists (quadratic): numbers only
     ("'%0999999999d' % __c0", {"__c0": 1}),         # string formatting
     ("[(a, b) for a in __c0 for b in __c0]", {"__c0": list(range(2000))}),  # the step budget
+    ("divmod(__c0, __c0 - 1)", {"__c0": 1 << 200_000}),  # an int past the size guard of // and %
     ("set(__c0)", {"__c0": COLLIDING}),             # a set of equal hashes (quadratic)
     ("{x: 1 for x in __c0}", {"__c0": COLLIDING}),
     ("dict(zip(__c0, __c0))", {"__c0": COLLIDING}),

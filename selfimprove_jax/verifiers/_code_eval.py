@@ -45,6 +45,11 @@ def _range(*args):
   return r
 
 
+def _divmod(a, b):
+  _guard(ast.FloorDiv(), a, b)  # the size guards of // and %
+  return divmod(a, b)
+
+
 def _set(items=()):
   return set(few_collisions(items))
 
@@ -61,10 +66,10 @@ def _dict(*args, **kwargs):
   return dict(*args, **kwargs)
 
 
-FUNCS = {f.__name__: f for f in (abs, all, any, bool, dict, divmod, float, frozenset, int,
+FUNCS = {f.__name__: f for f in (abs, all, any, bool, dict, float, frozenset, int,
                                   isinstance, len, list, max, min, reversed, set, sorted, str,
                                   tuple, type, zip, enumerate)}
-FUNCS.update(sum=_sum, round=_round, range=_range)
+FUNCS.update(sum=_sum, round=_round, range=_range, divmod=_divmod)
 _GUARDED = ((set, _set), (frozenset, _frozenset), (dict, _dict))  # what a call of these runs
 HOST_NAMES = {**_TYPES, **FUNCS}
 
@@ -81,7 +86,8 @@ _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lamb
         ast.Invert: lambda a: ~a}
 
 
-def _binop(op: ast.operator, a: Any, b: Any) -> Any:
+def _guard(op: ast.operator, a: Any, b: Any) -> None:
+  """Raises when ``a op b`` would be too big or slow for the host."""
   if isinstance(op, ast.Mult):
     for seq, n in ((a, b), (b, a)):
       if isinstance(seq, (str, bytes, bytearray, list, tuple)) and isinstance(n, int):
@@ -95,6 +101,10 @@ def _binop(op: ast.operator, a: Any, b: Any) -> Any:
     raise ValueError("a power too large for the host")
   if isinstance(op, ast.Mod) and isinstance(a, (str, bytes, bytearray)):
     raise TypeError("no string formatting on the host")
+
+
+def _binop(op: ast.operator, a: Any, b: Any) -> Any:
+  _guard(op, a, b)
   return _OPS[type(op)](a, b)
 
 
