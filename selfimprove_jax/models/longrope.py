@@ -68,10 +68,6 @@ def rope_kwargs(long_R: jax.Array | None) -> dict[str, Any]:
   return {} if long_R is None else {"long_rope_B": long_R}
 
 
-def _rows(mask_R: jax.Array, x: jax.Array) -> jax.Array:
-  return mask_R.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
 def prefill_forked(model, variables: Any, prompt_BxP: jax.Array, prompt_mask_BxP: jax.Array,
                    cache: KVCache, n: int, long_R: jax.Array | None) -> tuple[jax.Array, KVCache]:
   """Prefills the prompts into the empty ``cache`` and forks each to ``n`` rows (R = B * n).
@@ -122,35 +118,38 @@ def recompute_at_crossing(model, variables: Any, tokens_RxS: jax.Array, mask_RxS
   Returns:
     (state, cache) where every live row with ``fed_pos_R == original_max_len`` has the state and
     keys/values of one forward over its whole sequence with the long factors, other rows as given.
-    Under a ``lax.cond``: steps where no row crosses run nothing more.
+    The crossing rows are recomputed one at a time (a ``lax.while_loop``; steps where no row
+    crosses run no iteration) and written into the cache in place, so the
+    extra memory is one row's cache and activations, not a second cache for all R rows; each
+    crossing row runs one forward of S slots in all, as with a batched recompute.
   """
   cfg = model.config
   R, S = tokens_RxS.shape
   cross_R = live_R & (fed_pos_R == cfg.rope_scaling.original_max_len)
 
-  def redo(args):
-    hidden_Rx1xD, cache = args
-    place = lambda x, axes: sh.constrain(x, axes, model.mesh, model.rules)
-    kv = lambda: tuple(place(jnp.zeros((R, cfg.num_kv_heads, S, cfg.head_dim), k.dtype),
-                             CACHE_KV_AXES) for k in cache.k)
-    empty = KVCache(k=kv(), v=kv(), pos=place(jnp.full((R, S), -1, jnp.int32), CACHE_POS_AXES),
+  def redo_row(carry):
+    hidden_Rx1xD, cache, todo_R = carry
+    r = jnp.argmax(todo_R)
+    row = lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, axis=0)
+    kv = lambda: tuple(jnp.zeros((1, cfg.num_kv_heads, S, cfg.head_dim), k.dtype) for k in cache.k)
+    empty = KVCache(k=kv(), v=kv(), pos=jnp.full((1, S), -1, jnp.int32),
                     index=jnp.zeros((), jnp.int32))
-    hidden_RxSxD, full = model.apply(variables, tokens_RxS, None, mask_RxS, cache=empty,
+    hidden_1xSxD, full = model.apply(variables, row(tokens_RxS), None, row(mask_RxS), cache=empty,
                                      return_hidden=True, prefill=True,
-                                     long_rope_B=jnp.ones((R,), bool))
-    fed_Rx1xD = jax.lax.dynamic_slice_in_dim(hidden_RxSxD, cache.index - 1, 1, axis=1)
+                                     long_rope_B=jnp.ones((1,), bool))
+    fed_1x1xD = jax.lax.dynamic_slice_in_dim(hidden_1xSxD, cache.index - 1, 1, axis=1)
     # A ringed layer (fewer slots than S) keeps the last W tokens; their positions: ring_pos.
     ring = lambda x, W, axis: jnp.take(x, jnp.maximum(_ring_sources(cache.index, W), 0), axis=axis)
     as_kept = lambda new, old: new if old.shape[2] == S else ring(new, old.shape[2], 2)
-    pick = lambda new, old: jnp.where(_rows(cross_R, old), new.astype(old.dtype), old)
+    put = lambda new, old: jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), r, 0)
     ring_pos = None
     if cache.ring_pos is not None:
       W = cache.ring_pos.shape[1]
-      ring_pos = pick(jnp.where(_ring_sources(cache.index, W) >= 0, ring(full.pos, W, 1), -1),
-                      cache.ring_pos)
-    redone = KVCache(k=tuple(pick(as_kept(n, o), o) for n, o in zip(full.k, cache.k)),
-                     v=tuple(pick(as_kept(n, o), o) for n, o in zip(full.v, cache.v)),
-                     pos=pick(full.pos, cache.pos), index=cache.index, ring_pos=ring_pos)
-    return pick(fed_Rx1xD, hidden_Rx1xD), redone
+      ring_pos = put(jnp.where(_ring_sources(cache.index, W) >= 0, ring(full.pos, W, 1), -1),
+                     cache.ring_pos)
+    redone = KVCache(k=tuple(put(as_kept(n, o), o) for n, o in zip(full.k, cache.k)),
+                     v=tuple(put(as_kept(n, o), o) for n, o in zip(full.v, cache.v)),
+                     pos=put(full.pos, cache.pos), index=cache.index, ring_pos=ring_pos)
+    return put(fed_1x1xD, hidden_Rx1xD), redone, todo_R.at[r].set(False)
 
-  return jax.lax.cond(jnp.any(cross_R), redo, lambda args: args, (hidden_Rx1xD, cache))
+  return jax.lax.while_loop(lambda c: jnp.any(c[2]), redo_row, (hidden_Rx1xD, cache, cross_R))[:2]
